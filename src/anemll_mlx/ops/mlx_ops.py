@@ -1,0 +1,107 @@
+"""The op vocabulary on MLX: the eager reference backend.
+
+Shapes follow the model code: hidden states (B, T, C); attention tensors (B, heads, T, head_dim).
+Weights and activations stay in the model's dtype, so a float16 model rounds per op as the ANE
+does (MLX accumulates matmuls and reductions in fp32).  Subclasses override ``tap`` (probe) or
+single ops (explicit attention scores) without touching model code.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import mlx.core as mx
+
+from ..models.base import Linear, Norm, RoPE, Step
+
+
+class MLXOps:
+    """Eager MLX implementation of every op a model file may call."""
+
+    # --- projections and norms
+
+    def linear(self, x: mx.array, layer: Linear) -> mx.array:
+        if "bias" in layer:
+            return mx.addmm(layer.bias, x, layer.weight.T)
+        return x @ layer.weight.T
+
+    def rms_norm(self, x: mx.array, norm: Norm) -> mx.array:
+        return mx.fast.rms_norm(x, norm.weight, norm.eps)
+
+    def embed(self, ids: mx.array, table: mx.array, scale: float) -> mx.array:
+        h = table[ids]
+        return h if scale == 1.0 else h * mx.array(scale, dtype=h.dtype)
+
+    def lm_head(self, x: mx.array, weight: mx.array, splits: int = 1) -> list[mx.array]:
+        """Logits in ``splits`` pieces along the vocabulary, as the exported LM head returns them."""
+        if splits == 1:
+            return [x @ weight.T]
+        return [x @ w.T for w in mx.split(weight, splits, axis=0)]
+
+    # --- elementwise
+
+    def add(self, a: mx.array, b: mx.array) -> mx.array:
+        return a + b
+
+    def mul(self, a: mx.array, b: mx.array) -> mx.array:
+        return a * b
+
+    def silu(self, x: mx.array) -> mx.array:
+        return x * mx.sigmoid(x)
+
+    def gelu_tanh(self, x: mx.array) -> mx.array:
+        return 0.5 * x * (1 + mx.tanh(math.sqrt(2 / math.pi) * (x + 0.044715 * x**3)))
+
+    # --- shapes
+
+    def split_heads(self, x: mx.array, heads: int, head_dim: int) -> mx.array:
+        """(B, T, heads*head_dim) -> (B, heads, T, head_dim)."""
+        B, T, _ = x.shape
+        return x.reshape(B, T, heads, head_dim).transpose(0, 2, 1, 3)
+
+    def merge_heads(self, x: mx.array) -> mx.array:
+        """(B, heads, T, head_dim) -> (B, T, heads*head_dim)."""
+        B, H, T, D = x.shape
+        return x.transpose(0, 2, 1, 3).reshape(B, T, H * D)
+
+    # --- attention
+
+    def rope(self, x: mx.array, rope: RoPE, step: Step) -> mx.array:
+        return mx.fast.rope(
+            x, x.shape[-1], traditional=False, base=None, scale=1.0, offset=step.start, freqs=rope.periods
+        )
+
+    def attention(self, q: mx.array, k: mx.array, v: mx.array, mask: Any, scale: float) -> mx.array:
+        """Softmax(q k^T * scale + mask) v with grouped KV heads; k/v cover only the filled cache."""
+        if mask is not None:
+            mask = mask[..., : k.shape[2]]
+        return mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask=mask)
+
+    def tap(self, site: str, layer: int, x: mx.array) -> mx.array:
+        """A named point in the forward (residual, attn_out, ...). Identity here; the probe records."""
+        return x
+
+
+class MLXKVCache:
+    """Fixed-size KV cache of ``context`` positions per layer, held as one array per layer.
+
+    The exported program keeps all layers in one state tensor; on MLX one array per layer lets each
+    write update in place.  ``update`` returns the keys and values up to the last written position.
+    """
+
+    def __init__(self, num_layers: int, kv_heads: int, head_dim: int, context: int, dtype: mx.Dtype):
+        shape = (1, kv_heads, context, head_dim)
+        self.context = context
+        self.keys = [mx.zeros(shape, dtype=dtype) for _ in range(num_layers)]
+        self.values = [mx.zeros(shape, dtype=dtype) for _ in range(num_layers)]
+
+    def update(self, layer: int, k: mx.array, v: mx.array, step: Step) -> tuple[mx.array, mx.array]:
+        end = step.start + k.shape[2]
+        self.keys[layer][:, :, step.start : end, :] = k
+        self.values[layer][:, :, step.start : end, :] = v
+        return self.keys[layer][:, :, :end, :], self.values[layer][:, :, :end, :]
+
+    @property
+    def state(self) -> list[mx.array]:
+        return self.keys + self.values
