@@ -242,8 +242,9 @@ class DecoderModel(nn.Module):
     def head_weight(self) -> mx.array:
         return self.lm_head.weight if "lm_head" in self else self.model.embed_tokens.weight
 
-    def logits(self, ops, h, splits: int = 1) -> list:
-        return ops.lm_head(h, self.head_weight, splits)
+    def logits(self, ops, h, sizes: list[int] | None = None) -> list:
+        """Logits in pieces of ``sizes`` vocabulary rows (one piece when None)."""
+        return ops.lm_head(h, self.head_weight, sizes)
 
     # eager MLX use
 

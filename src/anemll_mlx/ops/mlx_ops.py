@@ -33,11 +33,12 @@ class MLXOps:
         h = table[ids]
         return h if scale == 1.0 else h * mx.array(scale, dtype=h.dtype)
 
-    def lm_head(self, x: mx.array, weight: mx.array, splits: int = 1) -> list[mx.array]:
-        """Logits in ``splits`` pieces along the vocabulary, as the exported LM head returns them."""
-        if splits == 1:
+    def lm_head(self, x: mx.array, weight: mx.array, sizes: list[int] | None = None) -> list[mx.array]:
+        """Logits in pieces of ``sizes`` rows along the vocabulary, as the exported LM head returns them."""
+        if not sizes or len(sizes) == 1:
             return [x @ weight.T]
-        return [x @ w.T for w in mx.split(weight, splits, axis=0)]
+        cuts = [sum(sizes[: i + 1]) for i in range(len(sizes) - 1)]
+        return [x @ w.T for w in mx.split(weight, cuts, axis=0)]
 
     # --- elementwise
 

@@ -1,0 +1,88 @@
+"""Turning MIL programs into saved .mlpackage files, reproducibly.
+
+coremltools stamps the conversion date into each model and random UUIDs into each package's
+Manifest.json; both are replaced by fixed values so identical inputs give byte-identical packages.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import uuid
+from pathlib import Path
+
+import coremltools as ct
+
+DATE_KEY = "com.github.apple.coremltools.conversion_date"
+_NAMESPACE = uuid.UUID("6f1d7a52-2b8e-4c61-9a57-0b7c3e2d9f10")
+
+
+def convert(program) -> ct.models.MLModel:
+    """A pymil program to an fp16 ML Program for iOS18+/macOS15+, preferring the Neural Engine."""
+    model = ct.convert(
+        program,
+        convert_to="mlprogram",
+        minimum_deployment_target=ct.target.iOS18,
+        compute_precision=ct.precision.FLOAT16,
+        compute_units=ct.ComputeUnit.CPU_AND_NE,
+        skip_model_load=True,
+    )
+    model.user_defined_metadata.pop(DATE_KEY, None)
+    return model
+
+
+def convert_with_inputs(program, inputs: list) -> ct.models.MLModel:
+    """As ``convert`` with input types given (the embeddings' enumerated token counts)."""
+    model = ct.convert(
+        program,
+        convert_to="mlprogram",
+        minimum_deployment_target=ct.target.iOS18,
+        compute_precision=ct.precision.FLOAT16,
+        compute_units=ct.ComputeUnit.CPU_AND_NE,
+        inputs=inputs,
+        skip_model_load=True,
+    )
+    model.user_defined_metadata.pop(DATE_KEY, None)
+    return model
+
+
+def save(model: ct.models.MLModel, path: Path) -> None:
+    model.save(str(path))
+    make_reproducible(path)
+
+
+def save_functions(models: dict[str, ct.models.MLModel], path: Path, scratch: Path, default: str) -> None:
+    """Several single-function models as one multifunction package (weights shared when identical)."""
+    descriptor = ct.utils.MultiFunctionDescriptor()
+    for name, model in models.items():
+        part = scratch / f"{path.stem}.{name}.mlpackage"
+        model.save(str(part))
+        descriptor.add_function(str(part), src_function_name="main", target_function_name=name)
+    descriptor.default_function_name = default
+    ct.utils.save_multifunction(descriptor, str(path))
+    for name in models:
+        shutil.rmtree(scratch / f"{path.stem}.{name}.mlpackage")
+    _drop_date(path)
+    make_reproducible(path)
+
+
+def _drop_date(path: Path) -> None:
+    spec = ct.utils.load_spec(str(path))
+    if DATE_KEY in spec.description.metadata.userDefined:
+        del spec.description.metadata.userDefined[DATE_KEY]
+        ct.utils.save_spec(spec, str(path), weights_dir=str(path / "Data/com.apple.CoreML/weights"))
+
+
+def make_reproducible(path: Path) -> None:
+    """Replace the package manifest's random item identifiers with ones derived from item paths."""
+    manifest_path = path / "Manifest.json"
+    manifest = json.loads(manifest_path.read_text())
+    renamed = {}
+    mapping = {}
+    for old, item in manifest["itemInfoEntries"].items():
+        new = str(uuid.uuid5(_NAMESPACE, item["path"])).upper()
+        mapping[old] = new
+        renamed[new] = item
+    manifest["itemInfoEntries"] = dict(sorted(renamed.items()))
+    manifest["rootModelIdentifier"] = mapping[manifest["rootModelIdentifier"]]
+    manifest_path.write_text(json.dumps(manifest, indent=2, sort_keys=True))
