@@ -7,6 +7,8 @@ Every command body runs under ``user_errors()``: a ``UserError`` from the librar
 from __future__ import annotations
 
 import json
+import logging
+import os
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -17,6 +19,12 @@ from rich.console import Console
 from rich.table import Table
 
 from .errors import UserError
+
+# coremltools warns at import about its macOS-only bindings and prints a progress bar per pass
+# pipeline; transformers (pulled in by coremltools' optional paths) announces torch is absent.
+logging.getLogger("coremltools").setLevel(logging.ERROR)
+os.environ.setdefault("TQDM_DISABLE", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 app = typer.Typer(
     name="anemll-mlx",
@@ -111,3 +119,144 @@ def info(model: ModelArg) -> None:
 
 def main() -> None:
     app()
+
+
+def _lut(flag: str, text: str):
+    from .quant.lut import parse_lut_spec
+
+    try:
+        return parse_lut_spec(text)
+    except UserError as e:
+        raise UserError(f"{flag}: {e}") from None
+
+
+def _int_or_auto(flag: str, text: str) -> int | str:
+    if text == "auto":
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise UserError(f"{flag} must be 'auto' or a whole number, not '{text}'") from None
+
+
+@app.command()
+def export(
+    model: ModelArg,
+    out: Annotated[str, typer.Option("--out", help="Output folder (built beside it, renamed when complete)")],
+    context: Annotated[int, typer.Option(help="Context length (KV cache positions)")] = 512,
+    batch: Annotated[int, typer.Option(help="Tokens per prefill call")] = 64,
+    chunk: Annotated[str, typer.Option(help="Number of FFN chunks, or auto (fewest under --max-chunk-mb)")] = "auto",
+    max_chunk_mb: Annotated[float, typer.Option(help="Weight budget per program in MB")] = 950.0,
+    lut: Annotated[str, typer.Option(help="LUT for the FFN chunks: BITS[,GROUP|0|t] or none")] = "none",
+    lut_lm_head: Annotated[str, typer.Option(help="LUT for the LM head")] = "none",
+    lut_embed: Annotated[str, typer.Option(help="LUT for the embeddings")] = "none",
+    fp16_scale: Annotated[str, typer.Option(help="auto (recipe or probe), none, or a number")] = "auto",
+    prefix: Annotated[str | None, typer.Option(help="File name prefix (default: the architecture)")] = None,
+    split_lm_head: Annotated[str, typer.Option(help="LM head pieces, or auto (<= 16384 rows each)")] = "auto",
+    attention_chunk: Annotated[int | None, typer.Option(help="Query rows per attention block in prefill (default batch/2)")] = None,
+    argmax_in_model: Annotated[bool, typer.Option("--argmax-in-model", help="LM head outputs per-piece argmax")] = False,
+    compile: Annotated[str, typer.Option(help="auto, yes or no: compile to .mlmodelc (macOS only)")] = "auto",
+    force: Annotated[bool, typer.Option("--force", help="Replace a non-empty --out")] = False,
+) -> None:
+    """Write chunked, stateful (optionally LUT-palettized) Core ML programs in ANEMLL's layout."""
+    from pathlib import Path
+
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from .export import ExportOptions, can_compile, export_model
+    from .export.plan import plan_export
+    from .loading import load
+
+    with user_errors():
+        options = ExportOptions(
+            context=context,
+            batch=batch,
+            chunk=_int_or_auto("--chunk", chunk),
+            max_chunk_mb=max_chunk_mb,
+            lut_ffn=_lut("--lut", lut),
+            lut_lm_head=_lut("--lut-lm-head", lut_lm_head),
+            lut_embed=_lut("--lut-embed", lut_embed),
+            prefix=prefix,
+            split_lm_head=_int_or_auto("--split-lm-head", split_lm_head),
+            attention_chunk=attention_chunk,
+            argmax_in_model=argmax_in_model,
+            compile=compile,
+            force=force,
+        )
+        destination = Path(out)
+        if destination.exists() and any(destination.iterdir()) and not force:
+            raise UserError(f"{destination} exists and is not empty: pass --force to replace it")
+        lm = load(model, "float32")
+        options.validate(lm)
+        options.fp16_scale = _resolve_scale(lm, fp16_scale)
+        plan = plan_export(
+            lm.model, options.chunk, max_chunk_mb, options.lut_ffn, options.lut_lm_head, options.lut_embed,
+            options.split_lm_head,
+        )
+        table = Table(title=f"plan: {len(plan.chunks)} chunk(s), budget {max_chunk_mb:g} MB")
+        for col in ("part", "layers", "MB"):
+            table.add_column(col)
+        for part, layers, mb in plan.rows():
+            table.add_row(part, layers, f"{mb:.1f}")
+        Console().print(table)
+        columns = (TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"), TimeElapsedColumn())
+        with Progress(*columns, console=console) as bar:
+            tasks: dict[str, int] = {}
+
+            def progress(part: str, done: int, total: int) -> None:
+                if part not in tasks:
+                    tasks[part] = bar.add_task(part, total=total)
+                bar.update(tasks[part], completed=done)
+
+            result = export_model(lm, destination, options, progress, plan)
+    summary = Table(title=f"{result.out} ({result.seconds:.1f} s)")
+    summary.add_column("package")
+    summary.add_column("MB", justify="right")
+    for name, size in result.files.items():
+        summary.add_row(name, f"{size / 2**20:.1f}")
+    Console().print(summary)
+    if result.compiled:
+        print("compiled every package to .mlmodelc")
+    elif not can_compile():
+        print("made .mlpackage only: compiling to .mlmodelc needs macOS with Xcode (xcrun coremlcompiler)")
+
+
+def _resolve_scale(lm, text: str) -> float | None:
+    """--fp16-scale: none, a number, or auto (the model's recipe, else the probe's recommendation)."""
+    if text == "none":
+        return None
+    if text != "auto":
+        try:
+            value = float(text)
+        except ValueError:
+            raise UserError(f"--fp16-scale must be auto, none or a number, not '{text}'") from None
+        if not 0 < value <= 1:
+            raise UserError(f"--fp16-scale must be in (0, 1], got {value}")
+        return value
+    from .probe import auto_fp16_scale
+
+    return auto_fp16_scale(lm)
+
+
+@app.command()
+def inspect(
+    folder: Annotated[str, typer.Argument(help="Export folder (with meta.yaml)")],
+    max_chunk_mb: Annotated[float, typer.Option(help="Size budget per program in MB")] = 950.0,
+) -> None:
+    """Check an export against ANEMLL's format; exit 1 when something is off."""
+    from .export.conformance import inspect_export
+
+    with user_errors():
+        parts, problems = inspect_export(folder, max_chunk_mb)
+    table = Table(title=str(folder))
+    for col in ("package", "functions", "MB", "weights", "status"):
+        table.add_column(col)
+    for p in parts:
+        table.add_row(p.name, ",".join(p.functions), f"{p.mb:.1f}", p.lut, "ok" if not p.problems else "; ".join(p.problems))
+    Console().print(table)
+    problems += [f"{p.name}: {q}" for p in parts for q in p.problems]
+    for q in problems:
+        print(f"problem: {q}")
+    print("conforms to the ANEMLL layout" if not problems else f"{len(problems)} problem(s)")
+    if problems:
+        raise typer.Exit(1)

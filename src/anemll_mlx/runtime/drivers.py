@@ -1,0 +1,140 @@
+"""The three drivers and the command-line specs that name them.
+
+    mlx:MODEL[@fp32|fp16|bf16][+scale=ALPHA]   our MLX model (the reference)
+    mil:EXPORT_DIR                             an export, executed by our MIL executor (anywhere)
+    coreml:EXPORT_DIR                          an export, executed by Core ML (macOS only)
+
+All share one interface (runtime.base.Driver): reset, prefill -> logits after the prompt, decode.
+"""
+
+from __future__ import annotations
+
+import platform
+import re
+from collections.abc import Sequence
+from pathlib import Path
+
+import mlx.core as mx
+import numpy as np
+
+from ..errors import BadArgumentError, UnsupportedError
+from .export_folder import read_export
+from .export_host import ExportHost
+
+MLX_DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
+SPEC = re.compile(r"^(?P<kind>mlx|mil|coreml):(?P<target>.+)$")
+MLX_TARGET = re.compile(r"^(?P<model>.+?)(?:@(?P<dtype>fp32|fp16|bf16))?(?:\+scale=(?P<scale>[0-9.eE+-]+))?$")
+MLX_CONTEXT = 2048
+
+
+class MLXDriver:
+    """Our MLX model behind the driver interface, with a fixed-size cache of ``context`` tokens."""
+
+    def __init__(self, lm, name: str, context: int | None = None):
+        self.lm = lm
+        self.name = name
+        self.vocab_size = lm.model.args.vocab_size
+        self.context_length = min(context or MLX_CONTEXT, lm.model.args.max_position_embeddings)
+        self.reset()
+
+    def reset(self) -> None:
+        self.cache = self.lm.model.make_cache(self.context_length)
+        self.position = 0
+
+    def _run(self, ids: Sequence[int]) -> np.ndarray:
+        logits = self.lm.model(mx.array(list(ids))[None], self.cache, self.position)[0, -1]
+        self.position += len(ids)
+        return np.array(logits.astype(mx.float32))
+
+    def prefill(self, token_ids: Sequence[int]) -> np.ndarray:
+        return self._run(token_ids)
+
+    def decode(self, token_id: int) -> np.ndarray:
+        return self._run([token_id])
+
+
+class MILRunner:
+    """Runs export programs with our executor; one state dict shared by every program and function."""
+
+    def __init__(self):
+        from .mil_executor import MILExecutor
+
+        self._load = MILExecutor.load
+        self.programs: dict[str, object] = {}
+        self.states: dict = {}
+
+    def run(self, program: str, function: str | None, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        if program not in self.programs:
+            self.programs[program] = self._load(program)
+        executor = self.programs[program]
+        name = function or executor.functions[0]
+        out = executor.run(name, inputs, self.states)
+        return {k: np.array(v) for k, v in out.items()}
+
+    def reset_state(self) -> None:
+        self.states.clear()
+
+
+class CoreMLRunner:
+    """Runs export programs with Core ML on the Neural Engine, as ANEMLL's runtimes do (macOS 15+)."""
+
+    def __init__(self):
+        if platform.system() != "Darwin":
+            raise UnsupportedError(
+                f"the coreml driver needs macOS with Core ML (this is {platform.system()}): use mil:EXPORT_DIR here"
+            )
+        import coremltools as ct
+
+        self.ct = ct
+        self.models: dict[tuple[str, str | None], object] = {}
+        self.state = None
+
+    def _model(self, program: str, function: str | None):
+        key = (program, function)
+        if key not in self.models:
+            ct = self.ct
+            units = ct.ComputeUnit.CPU_AND_NE
+            kwargs = {"function_name": function} if function else {}
+            if program.endswith(".mlmodelc"):
+                self.models[key] = ct.models.CompiledMLModel(program, compute_units=units, **kwargs)
+            else:
+                self.models[key] = ct.models.MLModel(program, compute_units=units, **kwargs)
+        return self.models[key]
+
+    def run(self, program: str, function: str | None, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        model = self._model(program, function)
+        if function is None:
+            return model.predict(inputs)
+        if self.state is None:  # one state, made by the first chunk function, shared by all
+            self.state = model.make_state()
+        return model.predict(inputs, state=self.state)
+
+    def reset_state(self) -> None:
+        self.state = None
+
+
+def open_driver(spec: str, context: int | None = None):
+    """A driver from its command-line spec; bad specs raise BadArgumentError naming the forms."""
+    m = SPEC.match(spec)
+    if not m:
+        raise BadArgumentError(f"bad driver spec '{spec}' (use mlx:MODEL[@fp32|fp16|bf16][+scale=A], mil:DIR or coreml:DIR)")
+    kind, target = m["kind"], m["target"]
+    if kind == "mlx":
+        t = MLX_TARGET.match(target)
+        if not t:
+            raise BadArgumentError(f"bad mlx driver spec '{spec}'")
+        from ..loading import load
+
+        lm = load(t["model"], MLX_DTYPES[t["dtype"] or "fp32"])
+        if t["scale"]:
+            from ..probe.scale import apply_fp16_scale
+
+            try:
+                alpha = float(t["scale"])
+            except ValueError:
+                raise BadArgumentError(f"bad scale in driver spec '{spec}'") from None
+            apply_fp16_scale(lm.model, alpha)
+        return MLXDriver(lm, spec, context)
+    export = read_export(Path(target), prefer_compiled=kind == "coreml")
+    runner = MILRunner() if kind == "mil" else CoreMLRunner()
+    return ExportHost(export, runner, spec)
