@@ -62,19 +62,15 @@ def save_functions(models: dict[str, ct.models.MLModel], path: Path, scratch: Pa
     ct.utils.save_multifunction(descriptor, str(path))
     for name in models:
         shutil.rmtree(scratch / f"{path.stem}.{name}.mlpackage")
-    _drop_date(path)
     make_reproducible(path)
 
 
-def _drop_date(path: Path) -> None:
-    spec = ct.utils.load_spec(str(path))
-    if DATE_KEY in spec.description.metadata.userDefined:
-        del spec.description.metadata.userDefined[DATE_KEY]
-        ct.utils.save_spec(spec, str(path), weights_dir=str(path / "Data/com.apple.CoreML/weights"))
-
-
 def make_reproducible(path: Path) -> None:
-    """Replace the package manifest's random item identifiers with ones derived from item paths."""
+    """Serialise the spec deterministically (protobuf maps otherwise come out in hash order) and
+    replace the manifest's random item identifiers with ones derived from the item paths."""
+    spec_path = path / "Data/com.apple.CoreML/model.mlmodel"
+    spec = ct.utils.load_spec(str(path))
+    spec_path.write_bytes(spec.SerializeToString(deterministic=True))
     manifest_path = path / "Manifest.json"
     manifest = json.loads(manifest_path.read_text())
     renamed = {}
