@@ -260,3 +260,56 @@ def inspect(
     print("conforms to the ANEMLL layout" if not problems else f"{len(problems)} problem(s)")
     if problems:
         raise typer.Exit(1)
+
+
+@app.command()
+def compare(
+    reference: Annotated[str, typer.Option(help="Reference driver: mlx:MODEL[@fp32|fp16|bf16][+scale=A], mil:DIR or coreml:DIR")],
+    candidate: Annotated[str, typer.Option(help="Candidate driver spec")],
+    prompts: Annotated[str | None, typer.Option(help="Prompt file: JSONL with a 'prompt' key, or one per line")] = None,
+    prompt: Annotated[list[str] | None, typer.Option(help="A prompt (repeatable)")] = None,
+    max_tokens: Annotated[int, typer.Option(help="Steps per prompt")] = 32,
+    free_run: Annotated[bool, typer.Option("--free-run", help="Let each generate on its own; report where they part")] = False,
+    chat: Annotated[bool, typer.Option("--chat/--no-chat", help="Wrap prompts in the chat template")] = True,
+    out: Annotated[str | None, typer.Option(help="Folder for results.jsonl and summary.json")] = None,
+    max_kl: Annotated[float | None, typer.Option(help="Exit 1 when the mean KL exceeds this")] = None,
+    min_match: Annotated[float | None, typer.Option(help="Exit 1 when the match rate is below this (0-1)")] = None,
+) -> None:
+    """How far a candidate (an export) drifts from a reference, step by step."""
+    from pathlib import Path
+
+    from rich.progress import Progress
+
+    from .eval.compare import compare as run_compare
+    from .eval.compare import gate, render_table, verdict, write_results
+    from .eval.prompts import load_prompts
+    from .runtime.drivers import open_driver
+
+    with user_errors():
+        if max_tokens < 1:
+            raise UserError(f"--max-tokens must be >= 1, got {max_tokens}")
+        texts = load_prompts(Path(prompts) if prompts else None, list(prompt or []))
+        ref = open_driver(reference)
+        cand = open_driver(candidate)
+        tokenizer = ref.tokenizer
+        ids = [tokenizer.encode_prompt(text, chat) for text in texts]
+        with Progress(console=console, transient=True) as bar:
+            task = bar.add_task("comparing", total=None)
+            result = run_compare(
+                ref, cand, ids, max_tokens, free_run,
+                progress=lambda done, total: bar.update(task, completed=done, total=total),
+                texts=texts, detokenize=tokenizer.decode,
+            )
+        if out:
+            write_results(result, Path(out))
+        failures = gate(result.summary, max_kl, min_match)
+    Console().print(render_table(result))
+    print(verdict(result.summary))
+    for failure in failures:
+        print(f"gate: {failure}")
+    if failures:
+        raise typer.Exit(1)
+
+
+if __name__ == "__main__":
+    main()

@@ -9,12 +9,18 @@ from __future__ import annotations
 import json
 import shutil
 import uuid
+import warnings
 from pathlib import Path
 
 import coremltools as ct
 
 DATE_KEY = "com.github.apple.coremltools.conversion_date"
 _NAMESPACE = uuid.UUID("6f1d7a52-2b8e-4c61-9a57-0b7c3e2d9f10")
+
+
+# ML Program names allow only [A-Za-z0-9_]: the state ANEMLL calls model.model.kv_cache_0 is stored as
+# model_model_kv_cache_0, as in ANEMLL's own conversions; the warning about it is expected.
+warnings.filterwarnings("ignore", message=r"Input, 'model\.model\.kv_cache_0'")
 
 
 def convert(program) -> ct.models.MLModel:

@@ -33,6 +33,7 @@ class MLXDriver:
     def __init__(self, lm, name: str, context: int | None = None):
         self.lm = lm
         self.name = name
+        self.tokenizer = lm.tokenizer
         self.vocab_size = lm.model.args.vocab_size
         self.context_length = min(context or MLX_CONTEXT, lm.model.args.max_position_embeddings)
         self.reset()

@@ -45,6 +45,16 @@ class ExportHost:
         sizes = export.head_sizes
         self.vocab_size = sum(sizes) if sizes else int(export.params.get("vocab_size", 0))
         self.position = 0
+        self._tokenizer = None
+
+    @property
+    def tokenizer(self):
+        """The tokenizer files copied into the export (loaded on first use)."""
+        if self._tokenizer is None:
+            from ..loading.tokenizer import Tokenizer
+
+            self._tokenizer = Tokenizer.from_folder(self.export.path)
+        return self._tokenizer
 
     def reset(self) -> None:
         self.runner.reset_state()

@@ -1,0 +1,1 @@
+"""Drivers: one interface over every way of running a model (MLX reference, exported programs)."""

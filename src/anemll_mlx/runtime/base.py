@@ -1,0 +1,58 @@
+"""The driver interface that ``compare`` (and ``probe``) speak to.
+
+A driver is anything that turns token ids into next-token logits while keeping its own KV state:
+the MLX reference model, our MIL executor over an export, or Core ML itself.  Keeping the contract
+this small is what lets one harness measure any export against any reference, and lets the tests
+use tiny numpy language models instead of real models.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Protocol, runtime_checkable
+
+import numpy as np
+
+
+@runtime_checkable
+class Driver(Protocol):
+    """A stateful next-token predictor.
+
+    ``name`` identifies the driver in reports (e.g. ``"mlx:model@fp32"``).  Logits are float32 and
+    unnormalised; callers apply their own softmax, so a driver never needs to.
+    """
+
+    name: str
+    vocab_size: int
+    context_length: int
+
+    def reset(self) -> None:
+        """Forget all tokens seen so far: the next ``prefill`` starts at position 0."""
+        ...
+
+    def prefill(self, token_ids: Sequence[int]) -> np.ndarray:
+        """Feed a prompt; logits ``(len(token_ids), vocab)``, one row per prompt position.
+
+        Row ``i`` predicts the token after ``token_ids[i]``; the last row predicts the first new
+        token.  A driver that can only produce the last row may return it alone as ``(vocab,)``;
+        ``last_logits`` accepts both.
+        """
+        ...
+
+    def decode(self, token_id: int) -> np.ndarray:
+        """Feed one token at the next position; logits ``(vocab,)`` predicting the token after it."""
+        ...
+
+
+def last_logits(logits: np.ndarray, vocab_size: int, who: str) -> np.ndarray:
+    """The prediction for the next position out of a ``prefill`` or ``decode`` result.
+
+    Accepts ``(T, vocab)``, ``(1, vocab)`` or ``(vocab,)`` so exported programs that only emit the
+    last position's logits still fit; anything else is a driver bug and raises ``ValueError``.
+    """
+    array = np.asarray(logits)
+    if array.ndim == 2 and array.shape[0] >= 1:
+        array = array[-1]
+    if array.ndim != 1 or array.shape[0] != vocab_size:
+        raise ValueError(f"{who} returned logits of shape {np.shape(logits)}, expected (..., {vocab_size})")
+    return array

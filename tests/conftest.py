@@ -1,0 +1,44 @@
+"""Shared pytest fixtures: tiny random HF model folders (see ``tiny_models.py``) and the
+optional SmolLM2 GGUF file."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from tiny_models import ARCHS, make_tiny_model
+
+SMOLLM2_GGUF_DEFAULT = Path("/root/.cache/anemll-mlx/SmolLM2-135M-Instruct.Q4_1.gguf")
+
+
+@pytest.fixture(scope="session")
+def tiny_model_factory(tmp_path_factory: pytest.TempPathFactory) -> Callable[..., Path]:
+    """``factory(arch, *, seed=0, **config_overrides) -> Path``: a fresh tiny model folder
+    on every call (safe to modify, e.g. with ``scale_weights``)."""
+
+    def factory(arch: str, *, seed: int = 0, **config_overrides) -> Path:
+        return make_tiny_model(tmp_path_factory.mktemp(arch), arch, seed=seed, **config_overrides)
+
+    return factory
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tiny_model_factory: Callable[..., Path]) -> dict[str, Path]:
+    """One default folder per arch in ``ARCHS``, shared by the session: read only."""
+    return {arch: tiny_model_factory(arch) for arch in ARCHS}
+
+
+@pytest.fixture(scope="session")
+def smollm2_gguf() -> Path:
+    """SmolLM2-135M-Instruct Q4_1 GGUF (``$ANEMLL_MLX_SMOLLM2_GGUF`` or the cache path)."""
+    env = os.environ.get("ANEMLL_MLX_SMOLLM2_GGUF")
+    path = Path(env) if env else SMOLLM2_GGUF_DEFAULT
+    if not path.is_file():
+        pytest.skip(
+            f"SmolLM2 GGUF not found at {path} (set ANEMLL_MLX_SMOLLM2_GGUF to a local "
+            "SmolLM2-135M-Instruct.Q4_1.gguf; the hub is unreachable here)"
+        )
+    return path
