@@ -130,9 +130,12 @@ def generate(
         if on_text and piece:
             on_text(piece)
     text_ids = tokens[:-1] if finish == "stop" else tokens
+    text = lm.tokenizer.decode(text_ids)
+    if on_text and len(text) > len(detok.emitted):  # flush a held-back incomplete character
+        on_text(text[len(detok.emitted) :])
     decode_steps = len(tokens) - 1
     return GenerationResult(
-        text=lm.tokenizer.decode(text_ids),
+        text=text,
         tokens=tokens,
         prompt_tokens=len(prompt_ids),
         prompt_tps=len(prompt_ids) / first if first > 0 else 0.0,
