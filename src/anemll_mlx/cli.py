@@ -118,7 +118,19 @@ def info(model: ModelArg) -> None:
 
 
 def main() -> None:
-    app()
+    """Console entry point: flag-parsing errors also get the one-line `error:` form, exit 2."""
+    try:
+        code = app(standalone_mode=False)
+    except typer.TyperException as e:  # click's usage errors (bad value, missing argument, ...)
+        context = getattr(e, "ctx", None)
+        if type(e).__name__ == "NoArgsIsHelpError" and context is not None:
+            print(context.get_help())
+        else:
+            print(f"error: {' '.join(e.format_message().split())}", file=sys.stderr)
+        code = 2
+    except typer.Abort:
+        code = 130
+    sys.exit(code if isinstance(code, int) else 0)
 
 
 def _lut(flag: str, text: str):
