@@ -87,4 +87,5 @@ def make_reproducible(path: Path) -> None:
         renamed[new] = item
     manifest["itemInfoEntries"] = dict(sorted(renamed.items()))
     manifest["rootModelIdentifier"] = mapping[manifest["rootModelIdentifier"]]
-    manifest_path.write_text(json.dumps(manifest, indent=2, sort_keys=True))
+    # The layout coremltools itself writes (it rewrites the manifest when it opens a package).
+    manifest_path.write_text(json.dumps(manifest, indent=4, sort_keys=True) + "\n")
