@@ -62,11 +62,14 @@ class ExportOptions:
             raise BadArgumentError(f"--compile must be auto, yes or no, not '{self.compile}'")
         if self.compile == "yes" and not can_compile():
             raise UserError("--compile yes needs macOS with Xcode's coremlcompiler (xcrun); use --compile no")
-        window = getattr(lm.model.args, "sliding_window", None)
-        if lm.architecture == "gemma3_text" and self.context > window:
+        window = programs.split_window(lm.model, self.context)
+        if window is not None and window % self.batch:
+            # a prefill batch must never straddle the window: batches before it use `prefill`, the
+            # rest `prefill_rotate` (then window + batch <= context follows from context % batch == 0)
             raise UserError(
                 f"Gemma3 export with --context {self.context} larger than its sliding window {window} "
-                "(rotating local cache) is not implemented yet; use --context <= the window"
+                f"needs the window to be a multiple of --batch {self.batch}; pick a --batch that divides "
+                f"{window}, or --context <= {window}"
             )
 
 
@@ -150,12 +153,13 @@ def export_model(
             part = f"chunk {i + 1:02d}of{len(plan.chunks):02d}"
             last = i == len(plan.chunks) - 1
             functions = {}
-            for n, (function, tokens) in enumerate((("infer", 1), ("prefill", options.batch))):
-                report(part, n, 2)
-                program = programs.chunk_program(model, ops, layers, tokens, options.context, last)
+            kinds = programs.function_kinds(model, options.context, options.batch)
+            for n, (function, tokens, rotate) in enumerate(kinds):
+                report(part, n, len(kinds))
+                program = programs.chunk_program(model, ops, layers, tokens, options.context, last, rotate)
                 functions[function] = package.convert(program)
             package.save_functions(functions, scratch / f"{names[f'chunk{i}']}.mlpackage", scratch, "infer")
-            report(part, 2, 2)
+            report(part, len(kinds), len(kinds))
 
         report("lm_head", 0, 1)
         head = package.convert(programs.lm_head_program(model, ops, plan.head_sizes, options.argmax_in_model))

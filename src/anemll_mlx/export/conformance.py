@@ -15,6 +15,7 @@ import numpy as np
 
 from ..runtime.export_folder import read_export
 from .plan import ANE_MAX_CHANNELS, MB
+from .programs import GLOBAL_STATE, LOCAL_STATE
 
 FP16, INT32 = 65552, 131104  # Core ML ArrayFeatureType data type codes
 MODEL_INFO_KEYS = ("name", "version", "architecture", "parameters")
@@ -57,10 +58,22 @@ def lut_summary(path: Path) -> str:
     return ", ".join(f"{b}-bit {'per tensor' if g == 0 else f'group {g}'} ({n})" for (b, g), n in sorted(kinds.items()))
 
 
-def _check_chunk(spec, context: int, batch: int, hidden: int | None, state_shape: list[int] | None) -> list[str]:
+def _check_chunk(
+    spec,
+    context: int,
+    batch: int,
+    hidden: int | None,
+    state_shape: list[int] | None,
+    split_states: dict[str, list[int] | None] | None = None,
+) -> list[str]:
+    """Problems of one FFN chunk.  ``split_states`` (name -> expected shape or None) marks a Gemma3
+    export past its sliding window: two more functions and those states instead of ANEMLL's one."""
     problems = []
     functions = {f.name: f for f in spec.description.functions}
-    for name, tokens in (("infer", 1), ("prefill", batch)):
+    kinds = [("infer", 1), ("prefill", batch)]
+    if split_states is not None:
+        kinds += [("infer_rotate", 1), ("prefill_rotate", batch)]
+    for name, tokens in kinds:
         if name not in functions:
             problems.append(f"no function '{name}'")
             continue
@@ -80,6 +93,9 @@ def _check_chunk(spec, context: int, batch: int, hidden: int | None, state_shape
         if [o.name for o in f.output] != ["output_hidden_states"]:
             problems.append(f"{name}: outputs {[o.name for o in f.output]}, expected ['output_hidden_states']")
         states = {s.name: list(s.type.stateType.arrayType.shape) for s in f.state}
+        if split_states is not None:
+            problems += _check_split_states(name, states, split_states)
+            continue
         found = [s for s in STATE_NAMES if s in states]
         if not found:
             problems.append(f"{name}: no KV state (have {list(states)})")
@@ -90,6 +106,31 @@ def _check_chunk(spec, context: int, batch: int, hidden: int | None, state_shape
     return problems
 
 
+def _check_split_states(
+    function: str, states: dict[str, list[int]], expected: dict[str, list[int] | None]
+) -> list[str]:
+    if sorted(states) != sorted(expected):
+        return [f"{function}: KV states {sorted(states)}, expected {sorted(expected)}"]
+    problems = []
+    for name, shape in expected.items():
+        if shape and states[name] != list(shape):
+            problems.append(f"{function}: KV state {name} shape {states[name]}, expected {list(shape)}")
+    return problems
+
+
+def _split_states(export, problems: list[str]) -> dict[str, list[int] | None] | None:
+    """The states a Gemma3 export past its sliding window must declare (None: not such an export)."""
+    window = export.params.get("sliding_window")
+    if not window or int(window) >= export.context:
+        return None
+    listed = export.ours.get("kv_states")
+    if listed:
+        return {s["name"]: s.get("shape") for s in listed}
+    if export.ours:
+        problems.append("meta.yaml anemll_mlx lacks kv_states (context exceeds the sliding window)")
+    return {LOCAL_STATE: None, GLOBAL_STATE: None}
+
+
 def inspect_export(folder: str | Path, budget_mb: float = 950.0) -> tuple[list[PartReport], list[str]]:
     """Per-part reports and folder-level problems (empty lists of problems = conforms)."""
     export = read_export(folder)
@@ -98,6 +139,7 @@ def inspect_export(folder: str | Path, budget_mb: float = 950.0) -> tuple[list[P
     ours = export.ours
     hidden = ours.get("hidden_size")
     state_shape = (ours.get("kv_state") or {}).get("shape")
+    split_states = _split_states(export, problems)
     parts: list[PartReport] = []
 
     spec = ct.utils.load_spec(str(export.embeddings))
@@ -114,7 +156,7 @@ def inspect_export(folder: str | Path, budget_mb: float = 950.0) -> tuple[list[P
         spec = ct.utils.load_spec(str(chunk))
         names = [f.name for f in spec.description.functions]
         part = PartReport(chunk.name, names, _size_mb(chunk), lut_summary(chunk))
-        part.problems = _check_chunk(spec, export.context, export.batch, hidden, state_shape)
+        part.problems = _check_chunk(spec, export.context, export.batch, hidden, state_shape, split_states)
         parts.append(part)
 
     spec = ct.utils.load_spec(str(export.lm_head))

@@ -17,7 +17,7 @@ from .. import __version__
 from ..loading import LoadedModel
 from ..loading.safetensors import checkpoint_files
 from .plan import ExportPlan
-from .programs import STATE_NAME, kv_state_shape
+from .programs import GLOBAL_STATE, LOCAL_STATE, STATE_NAME, kv_state_shape, kv_state_shapes, split_window
 
 TOKENIZER_FILES = (
     "tokenizer.json",
@@ -112,7 +112,20 @@ def write_meta(lm: LoadedModel, dest: Path, options, plan: ExportPlan, names: di
             "hidden_size": args.hidden_size,
             "num_layers": args.num_hidden_layers,
             "chunk_layers": [[r.start, r.stop] for r in plan.chunks],
-            "kv_state": {"name": STATE_NAME, "shape": list(kv_state_shape(lm.model, options.context))},
         },
     }
+    ours = meta["anemll_mlx"]
+    if split_window(lm.model, options.context) is None:
+        ours["kv_state"] = {"name": STATE_NAME, "shape": list(kv_state_shape(lm.model, options.context))}
+    else:
+        # Gemma3 past its window: two states, and functions infer_rotate/prefill_rotate that hosts
+        # call once current_pos >= sliding_window (positions are absolute in both states)
+        layers = {
+            LOCAL_STATE: [i for i in range(args.num_hidden_layers) if args.is_sliding(i)],
+            GLOBAL_STATE: [i for i in range(args.num_hidden_layers) if not args.is_sliding(i)],
+        }
+        ours["kv_states"] = [
+            {"name": name, "shape": list(shape), "layers": layers[name]}
+            for name, shape in kv_state_shapes(lm.model, options.context).items()
+        ]
     (dest / "meta.yaml").write_text(yaml.safe_dump(meta, sort_keys=False))

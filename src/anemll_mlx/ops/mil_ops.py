@@ -11,7 +11,9 @@ Choices made for the Neural Engine (see docs/ARCHITECTURE.md):
   queries split into chunks of ``attention_chunk`` rows (prefill), so no score matrix exceeds
   chunk x context;
 - the KV cache is one fp16 state in ANEMLL's layout, written with slice_update at ``current_pos``;
-  after a write only the value coreml_update_state returns is used (never a second read_state).
+  after a write only the value coreml_update_state returns is used (never a second read_state);
+  Gemma3 with a context past its sliding window splits it in a local and a global state
+  (``MILWindowedKVCache``), the sliding layers attending over a window slice of theirs.
 """
 
 from __future__ import annotations
@@ -186,3 +188,83 @@ class MILKVCache:
         self._write(self.num_layers + layer, v)
         self.value = mb.coreml_update_state(state=self.state, value=self.value)
         return self._rows(layer), self._rows(self.num_layers + layer)
+
+
+class MILWindowedKVCache:
+    """Gemma3's split cache when the context exceeds the sliding window: two fp16 states.
+
+    ``local`` (2 * n_local, kv_heads, context, head_dim) holds the sliding-window layers, ``global``
+    (2 * n_global, ...) the full-attention layers; in each, keys of its i-th layer sit in row i and
+    values in row n + i.  Positions are absolute in both (nothing is ever shifted): a write lands at
+    ``current_pos`` as in ``MILKVCache``, so the padding of a partial prefill batch only fills future
+    positions, which the masks hide and later writes overwrite.
+
+    Global layers attend over the whole context.  Sliding layers attend over a slice of their rows:
+    - ``rotate=False`` (functions infer/prefill, used while current_pos + T <= window): the first
+      ``window`` positions, a static slice; no position has left the window yet;
+    - ``rotate=True`` (infer_rotate/prefill_rotate, used once current_pos >= window): the
+      ``window + T`` positions from current_pos - window, a slice_by_size with a run-time begin and
+      a static size; key i is position current_pos - window + i, so the mask is a constant band.
+    A state is read only by the first layer of the chunk that uses it (see ``MILKVCache``).  Every
+    chunk declares both states (the host makes them once and passes them to every chunk), but
+    coremltools fails on a state input that no op uses (``handle_unused_inputs``), so a chunk
+    without layers of one kind rewrites one row of that state with itself (``touch_unused``).
+    """
+
+    def __init__(self, states: dict[str, Any], sliding: list[bool], current_pos, window: int, rotate: bool):
+        self.states = states  # "local" / "global" -> state input var
+        self.window = window
+        self.rotate = rotate
+        self.current_pos = current_pos
+        self.layout: dict[int, tuple[str, int]] = {}
+        counts = {"local": 0, "global": 0}
+        for layer, is_sliding in enumerate(sliding):
+            kind = "local" if is_sliding else "global"
+            self.layout[layer] = (kind, counts[kind])
+            counts[kind] += 1
+        self.counts = counts
+        self._caches: dict[str, MILKVCache] = {}
+        self._begin = None
+
+    def _cache(self, kind: str) -> MILKVCache:
+        if kind not in self._caches:
+            self._caches[kind] = MILKVCache(self.states[kind], self.counts[kind], self.current_pos)
+        return self._caches[kind]
+
+    def _window_rows(self, value, row: int, tokens: int):
+        _, heads, _, D = value.shape
+        if not self.rotate:
+            return mb.slice_by_index(x=value, begin=[row, 0, 0, 0], end=[row + 1, heads, self.window, D])
+        if self._begin is None:
+            start = mb.sub(x=self.current_pos, y=np.int32(self.window))
+            self._begin = (start, {})
+        start, begins = self._begin
+        if row not in begins:
+            zero = np.array([0], dtype=np.int32)
+            begins[row] = mb.concat(values=[np.array([row, 0], dtype=np.int32), start, zero], axis=0)
+        return mb.slice_by_size(x=value, begin=begins[row], size=[1, heads, self.window + tokens, D])
+
+    def update(self, layer: int, k, v, step: Step):
+        kind, index = self.layout[layer]
+        cache = self._cache(kind)
+        cache._write(index, k)
+        cache._write(cache.num_layers + index, v)
+        cache.value = mb.coreml_update_state(state=cache.state, value=cache.value)
+        if kind == "global":
+            return cache._rows(index), cache._rows(cache.num_layers + index)
+        tokens = k.shape[2]
+        keys = self._window_rows(cache.value, index, tokens)
+        return keys, self._window_rows(cache.value, cache.num_layers + index, tokens)
+
+    def touch_unused(self) -> None:
+        """Keep each state no layer of this chunk used alive: its first (1, 1, 1, head_dim) block,
+        written back unchanged (bit-exact whatever it holds)."""
+        for kind, state in self.states.items():
+            if kind in self._caches:
+                continue
+            value = mb.read_state(input=state)
+            _, _, _, D = value.shape
+            begin, end = [0, 0, 0, 0], [1, 1, 1, D]
+            block = mb.slice_by_index(x=value, begin=begin, end=end)
+            value = mb.slice_update(x=value, update=block, begin=begin, end=end)
+            mb.coreml_update_state(state=state, value=value)

@@ -2,8 +2,10 @@
 
 Host logic only: embed the tokens, run every chunk's ``prefill`` over full batches (the last one
 padded, its padding hidden by the causal mask) or ``infer`` for one token, then the LM head on
-the last real position.  One KV state is shared by all chunks and functions.  The ``mil`` driver
-plugs in our executor; the ``coreml`` driver plugs in Core ML.
+the last real position.  The KV state(s) are shared by all chunks and functions.  Gemma3 exports
+whose context exceeds their sliding window W (``model_info.parameters.sliding_window``) have
+``infer_rotate`` and ``prefill_rotate`` too, called instead once a call's current_pos >= W.  The
+``mil`` driver plugs in our executor; the ``coreml`` driver plugs in Core ML.
 """
 
 from __future__ import annotations
@@ -46,6 +48,9 @@ class ExportHost:
         self.vocab_size = sum(sizes) if sizes else int(export.params.get("vocab_size", 0))
         self.position = 0
         self._tokenizer = None
+        window = export.params.get("sliding_window")
+        # rotate functions exist only when the window bites within the context
+        self.window = int(window) if window and int(window) < self.context_length else None
 
     @property
     def tokenizer(self):
@@ -60,7 +65,19 @@ class ExportHost:
         self.runner.reset_state()
         self.position = 0
 
+    def _function(self, kind: str, start: int, tokens: int) -> str:
+        """``infer``/``prefill`` or, past the sliding window, their ``_rotate`` variant."""
+        if self.window is None:
+            return kind
+        if start < self.window < start + tokens:
+            raise UnsupportedError(
+                f"a {tokens}-token call at position {start} straddles the sliding window {self.window}: "
+                "the export's batch size must divide its window"
+            )
+        return f"{kind}_rotate" if start >= self.window else kind
+
     def _layers(self, hidden: np.ndarray, start: int, tokens: int, function: str) -> np.ndarray:
+        function = self._function(function, start, tokens)
         inputs = {
             "position_ids": np.arange(start, start + tokens, dtype=np.int32),
             "causal_mask": causal_mask(start, tokens, self.context_length),
