@@ -39,7 +39,12 @@ demo: $(STAMP) $(SMOLLM2_GGUF)
 	$(VENV)/bin/anemll-mlx generate $(SMOLLM2_GGUF) --prompt "What is the capital of France?" --max-tokens 48
 
 bench: $(STAMP) $(SMOLLM2_GGUF)
-	ANEMLL_MLX_SMOLLM2_GGUF=$(SMOLLM2_GGUF) $(PY) bench/generate.py
+	$(PY) -m pip install --quiet -e ".[dev,bench]"
+	ANEMLL_MLX_SMOLLM2_GGUF=$(SMOLLM2_GGUF) $(PY) bench/generate.py --dtype float32
+	ANEMLL_MLX_SMOLLM2_GGUF=$(SMOLLM2_GGUF) $(PY) bench/probe.py
+	ANEMLL_MLX_SMOLLM2_GGUF=$(SMOLLM2_GGUF) $(PY) bench/lut.py
+	ANEMLL_MLX_SMOLLM2_GGUF=$(SMOLLM2_GGUF) $(PY) bench/export.py
+	ANEMLL_MLX_SMOLLM2_GGUF=$(SMOLLM2_GGUF) $(PY) bench/executor.py
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check src tests bench
