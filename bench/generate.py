@@ -14,13 +14,13 @@ import time
 
 import mlx.core as mx
 import numpy as np
-from common import median, mlx_lm_peer, smollm2_gguf
 from mlx_lm.generate import generate_step
 from rich.console import Console
 from rich.table import Table
 
 from anemll_mlx.generate import generate_tokens
 from anemll_mlx.loading import load
+from common import median, mlx_lm_peer, smollm2_gguf
 
 
 def timed(tokens) -> tuple[float, float]:

@@ -117,22 +117,6 @@ def info(model: ModelArg) -> None:
     Console().print(table)
 
 
-def main() -> None:
-    """Console entry point: flag-parsing errors also get the one-line `error:` form, exit 2."""
-    try:
-        code = app(standalone_mode=False)
-    except typer.TyperException as e:  # click's usage errors (bad value, missing argument, ...)
-        context = getattr(e, "ctx", None)
-        if type(e).__name__ == "NoArgsIsHelpError" and context is not None:
-            print(context.get_help())
-        else:
-            print(f"error: {' '.join(e.format_message().split())}", file=sys.stderr)
-        code = 2
-    except typer.Abort:
-        code = 130
-    sys.exit(code if isinstance(code, int) else 0)
-
-
 def _lut(flag: str, text: str):
     from .quant.lut import parse_lut_spec
 
@@ -321,6 +305,112 @@ def compare(
         print(f"gate: {failure}")
     if failures:
         raise typer.Exit(1)
+
+
+@app.command()
+def probe(
+    model: ModelArg,
+    prompts: Annotated[str | None, typer.Option(help="Prompt file: JSONL with a 'prompt' key, or one per line")] = None,
+    prompt: Annotated[list[str] | None, typer.Option(help="A prompt (repeatable); with --prompts, added after the file's")] = None,
+    max_tokens: Annotated[int, typer.Option(help="Tokens generated (float32, greedy) after each prompt")] = 8,
+    chat: Annotated[bool, typer.Option("--chat/--no-chat", help="Wrap prompts in the chat template")] = True,
+    out: Annotated[str | None, typer.Option("--out", help="Write the JSON report here")] = None,
+    plot: Annotated[str | None, typer.Option("--plot", help="Write a PNG of per-layer peaks here")] = None,
+) -> None:
+    """Where activations pass fp16's 65504, and the --fp16-scale that keeps them inside it."""
+    from pathlib import Path
+
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from .eval.prompts import load_prompts
+    from .loading import load
+    from .probe.run import probe as run_probe
+
+    with user_errors():
+        if max_tokens < 0:
+            raise UserError(f"--max-tokens must be >= 0, got {max_tokens}")
+        for flag, target in (("--out", out), ("--plot", plot)):
+            if target and not Path(target).resolve().parent.is_dir():
+                raise UserError(f"{flag}: folder {Path(target).parent} does not exist")
+        texts = load_prompts(Path(prompts) if prompts else None, list(prompt or [])) if prompts or prompt else None
+        lm = load(model, "float32")
+        columns = (TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"), TimeElapsedColumn())
+        with Progress(*columns, console=console, transient=True) as bar:
+            task = bar.add_task("probe", total=None)
+            report = run_probe(
+                lm, texts, max_tokens, chat,
+                progress=lambda stage, done, total: bar.update(task, description=stage, completed=done, total=total),
+            )  # fmt: skip
+        try:
+            if out:
+                Path(out).write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+            if plot:
+                from .probe.plot import plot_peaks
+
+                plot_peaks(report, plot)
+        except OSError as e:
+            raise UserError(f"cannot write {e.filename}: {e.strerror}") from None
+    Console().print(_probe_table(report))
+    for line in _probe_summary(report):
+        print(line)
+    print(report["verdict"])
+
+
+def _probe_table(report: dict) -> Table:
+    """Per-layer peaks; rows past 0.75 x fp16 max in red."""
+    sites = ("residual", "attn_out", "mlp_hidden", "mlp_out", "attn_scores")
+    table = Table(title=f"{report['model']} ({report['architecture']}): peak |x| per layer, float32")
+    table.add_column("layer", justify="right")
+    for site in sites:
+        table.add_column(site, justify="right")
+    limit = 0.75 * report["fp16_max"]
+    table.add_row("embed", f"{report['embedding']:,.1f}" if report["embedding"] is not None else "inf", *[""] * 4)
+    for row in report["layers"]:
+        cells = [f"{row[s]:,.1f}" if row[s] is not None else "inf" for s in sites]
+        hot = any(row[s] is None or row[s] > limit for s in sites)
+        table.add_row(str(row["index"]), *cells, style="bold red" if hot else None)
+    return table
+
+
+def _probe_summary(report: dict) -> list[str]:
+    def pct(x: float | None) -> str:
+        return "n/a" if x is None else f"{100 * x:.1f}%"
+
+    fp16, scaled = report["fp16"], report["scaled"]
+    first = fp16["first_overflow"]
+    peak = "inf" if report["peak"] is None else f"{report['peak']:,.1f}"
+    ratio = "past float32" if report["ratio"] is None else f"{100 * report['ratio']:.3g}% of fp16 max"
+    lines = [
+        f"peak {peak} at layer {report['peak_layer']} ({report['peak_site']}), {ratio}",
+        "float16: " + (f"inf/NaN first at layer {first['layer']} ({first['site']})" if first else "no overflow")
+        + f", token match {pct(fp16['token_match'])}",
+        f"bfloat16: token match {pct(report['bf16']['token_match'])}",
+    ]
+    if scaled["fp16_scale"] is not None:
+        lines.append(
+            f"float16 x {scaled['fp16_scale']}: {'inf/NaN' if scaled['overflow'] else 'no overflow'}, "
+            f"token match {pct(scaled['token_match'])}"
+        )
+    sweep = ", ".join(f"{c['threshold']:g}: {pct(c['token_match'])}" for c in report["clamp_sweep"])
+    lines.append(f"float16 with the residual clamped at {sweep}")
+    lines.append(f"{report['tokens']} tokens from {report['prompts']} prompts in {report['seconds']:.1f} s")
+    return lines
+
+
+def main() -> None:
+    """Console entry point: flag-parsing errors also get the one-line `error:` form, exit 2."""
+    try:
+        code = app(standalone_mode=False)
+    except typer.TyperException as e:  # click's usage errors (bad value, missing argument, ...)
+        context = getattr(e, "ctx", None)
+        if type(e).__name__ == "NoArgsIsHelpError" and context is not None:
+            print(context.get_help())
+        else:
+            print(f"error: {' '.join(e.format_message().split())}", file=sys.stderr)
+        code = 2
+    except typer.Abort:
+        code = 130
+    sys.exit(code if isinstance(code, int) else 0)
 
 
 if __name__ == "__main__":
