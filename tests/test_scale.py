@@ -162,6 +162,14 @@ def test_recipe_needs_architecture_and_layers_to_agree():
     assert find_recipe(FakeLM("google/gemma-3-270m-it", "llama", 18)) is None  # type: ignore[arg-type]
 
 
+def test_smollm2_gguf_from_pypi_has_a_recipe():
+    """The demo's model: export --fp16-scale auto must not have to run the probe."""
+    lm = FakeLM("/cache/SmolLM2-135M-Instruct.Q4_1.gguf", "llama", 30)
+    recipe = find_recipe(lm)  # type: ignore[arg-type]
+    assert recipe is not None and recipe.name == "smollm2-135m-instruct"
+    assert recipe.fp16_scale is None and recipe.published_peak < 65504
+
+
 def test_recipe_longest_name_wins():
     short = Recipe("short", "gemma3_text", 34, ("gemma-3-4b-it",), 1.0, 0.5)
     long = Recipe("long", "gemma3_text", 34, ("gemma-3-4b-it-qat",), 1.0, 0.25)

@@ -157,7 +157,7 @@ def export(
     """Write chunked, stateful (optionally LUT-palettized) Core ML programs in ANEMLL's layout."""
     from pathlib import Path
 
-    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+    from rich.progress import Progress
 
     from .export import ExportOptions, can_compile, export_model
     from .export.plan import plan_export
@@ -195,8 +195,7 @@ def export(
         for part, layers, mb in plan.rows():
             table.add_row(part, layers, f"{mb:.1f}")
         Console().print(table)
-        columns = (TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"), TimeElapsedColumn())
-        with Progress(*columns, console=console) as bar:
+        with Progress(*_bar_columns(), console=console) as bar:
             tasks: dict[str, int] = {}
 
             def progress(part: str, done: int, total: int) -> None:
@@ -229,9 +228,34 @@ def _resolve_scale(lm, text: str) -> float | None:
         if not 0 < value <= 1:
             raise UserError(f"--fp16-scale must be in (0, 1], got {value}")
         return value
-    from .probe import auto_fp16_scale
+    from .probe import auto_fp16_scale, find_recipe
 
-    return auto_fp16_scale(lm)
+    recipe = find_recipe(lm)
+    if recipe is not None:
+        value = recipe.fp16_scale
+        print(f"--fp16-scale auto: {value if value is not None else 'none'} (recipe {recipe.name}, peak {recipe.published_peak:,.0f})")
+        return value
+    print("--fp16-scale auto: no recipe matches this model, so the probe decides (pass a number or none to skip it)")
+    with _stage_progress("probe") as progress:
+        value = auto_fp16_scale(lm, progress=progress)
+    print(f"--fp16-scale auto: {value if value is not None else 'none'} (probe)")
+    return value
+
+
+def _bar_columns() -> tuple:
+    from rich.progress import BarColumn, TextColumn, TimeElapsedColumn
+
+    return (TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"), TimeElapsedColumn())
+
+
+@contextmanager
+def _stage_progress(name: str) -> Iterator:
+    """A progress bar for work reported as ``progress(stage, done, total)``."""
+    from rich.progress import Progress
+
+    with Progress(*_bar_columns(), console=console, transient=True) as bar:
+        task = bar.add_task(name, total=None)
+        yield lambda stage, done, total: bar.update(task, description=stage, completed=done, total=total)
 
 
 @app.command()
@@ -320,8 +344,6 @@ def probe(
     """Where activations pass fp16's 65504, and the --fp16-scale that keeps them inside it."""
     from pathlib import Path
 
-    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
-
     from .eval.prompts import load_prompts
     from .loading import load
     from .probe.run import probe as run_probe
@@ -334,13 +356,8 @@ def probe(
                 raise UserError(f"{flag}: folder {Path(target).parent} does not exist")
         texts = load_prompts(Path(prompts) if prompts else None, list(prompt or [])) if prompts or prompt else None
         lm = load(model, "float32")
-        columns = (TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"), TimeElapsedColumn())
-        with Progress(*columns, console=console, transient=True) as bar:
-            task = bar.add_task("probe", total=None)
-            report = run_probe(
-                lm, texts, max_tokens, chat,
-                progress=lambda stage, done, total: bar.update(task, description=stage, completed=done, total=total),
-            )  # fmt: skip
+        with _stage_progress("probe") as progress:
+            report = run_probe(lm, texts, max_tokens, chat, progress=progress)
         try:
             if out:
                 Path(out).write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
