@@ -34,9 +34,27 @@ $(SMOLLM2_GGUF): | $(STAMP)
 test: $(STAMP) $(SMOLLM2_GGUF)
 	ANEMLL_MLX_SMOLLM2_GGUF=$(SMOLLM2_GGUF) $(PY) -m pytest -q -rs $(PYTEST_ARGS)
 
+# The main job on a real model: probe for fp16 overflow, export FP16 and LUT 4,4 programs, check
+# them against the format, then run each through our executor against the float32 MLX reference.
+CLI := $(VENV)/bin/anemll-mlx
+DEMO_PROMPTS := --prompt "What is the capital of France?" \
+	--prompt "Write a Python function that reverses a string." \
+	--prompt "Explain photosynthesis in two sentences." \
+	--prompt "Écris une phrase sur la mer."
 demo: $(STAMP) $(SMOLLM2_GGUF)
-	$(VENV)/bin/anemll-mlx info $(SMOLLM2_GGUF)
-	$(VENV)/bin/anemll-mlx generate $(SMOLLM2_GGUF) --prompt "What is the capital of France?" --max-tokens 48
+	rm -rf $(DEMO_OUT) && mkdir -p $(DEMO_OUT)
+	$(CLI) info $(SMOLLM2_GGUF)
+	$(CLI) generate $(SMOLLM2_GGUF) --prompt "What is the capital of France?" --max-tokens 32
+	$(CLI) probe $(SMOLLM2_GGUF) --out $(DEMO_OUT)/probe.json --plot $(DEMO_OUT)/peaks.png
+	$(CLI) export $(SMOLLM2_GGUF) --out $(DEMO_OUT)/fp16
+	$(CLI) export $(SMOLLM2_GGUF) --out $(DEMO_OUT)/lut4 --lut 4,4
+	$(CLI) inspect $(DEMO_OUT)/fp16
+	$(CLI) inspect $(DEMO_OUT)/lut4
+	$(CLI) compare --reference mlx:$(SMOLLM2_GGUF) --candidate mil:$(DEMO_OUT)/fp16 $(DEMO_PROMPTS) \
+	  --max-tokens 24 --out $(DEMO_OUT)/compare-fp16
+	$(CLI) compare --reference mlx:$(SMOLLM2_GGUF) --candidate mil:$(DEMO_OUT)/lut4 $(DEMO_PROMPTS) \
+	  --max-tokens 24 --out $(DEMO_OUT)/compare-lut4
+	@echo "demo outputs (exports, probe report and plot, compare results) are in $(DEMO_OUT)/"
 
 bench: $(STAMP) $(SMOLLM2_GGUF)
 	$(PY) -m pip install --quiet -e ".[dev,bench]"

@@ -480,7 +480,7 @@ def test_dynamic_slices_follow_a_runtime_position():
         np.testing.assert_array_equal(sized, x[:1, pos : pos + 2])
 
 
-def test_host_synced_ops_with_runtime_shapes():
+def test_ops_with_runtime_shapes():
     def make(x, b, e, shape, n):
         window = mb.slice_by_index(x=x, begin=b, end=e)
         filled = mb.fill(shape=shape, value=1.5)
@@ -652,9 +652,8 @@ def transformer_package(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return path
 
 
-@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "mx.compile"])
-def test_two_layer_transformer_with_kv_state_matches_numpy(transformer_package: Path, compiled: bool):
-    ex = MILExecutor.load(transformer_package, compile=compiled)
+def test_two_layer_transformer_with_kv_state_matches_numpy(transformer_package: Path):
+    ex = MILExecutor.load(transformer_package)
     assert ex.functions == ["main"]
     assert ex.states("main") == {"kv_cache": ((2 * LAYERS, NH, CTX, HD), np.dtype(np.float16))}
     assert ex.inputs("main")["current_pos"] == ((1,), np.dtype(np.int32))
@@ -701,7 +700,7 @@ def test_multifunction_package_runs_both_functions_sharing_weights(tmp_path: Pat
 
     ex = MILExecutor.load(tmp_path / "multi.mlpackage")
     assert ex.functions == ["infer", "prefill"]  # the default function first
-    assert ex.weight_bytes == w.nbytes  # one copy for both functions
+    assert ex.weight_bytes == w.astype(np.float32).nbytes  # one (fp32, BLAS-ready) copy for both
     for name, tokens in (("infer", 1), ("prefill", 4)):
         x = RNG.standard_normal((1, tokens, 32)).astype(np.float16)
         got = np.array(ex.run(name, {"x": x})["y"]).astype(np.float32)

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+from rich import box
 from rich.table import Table
 
 from ..errors import BadArgumentError
@@ -311,17 +312,20 @@ def render_table(result: CompareResult) -> Table:
     """Per-prompt means plus a pooled row coloured by health."""
     s = result.summary
     mode = "free-run" if result.free_run else "teacher-forced"
-    table = Table(title=f"{s['candidate']} vs {s['reference']} ({mode})")
-    for name in ("#", "prompt", "steps", "KL mean", "KL max", "corr", "entropy", "match", "top-5", "1st div"):
-        table.add_column(name, justify="left" if name == "prompt" else "right")
+    # Fits 80 columns: numbers never wrap, the prompt gives way (cut with an ellipsis).
+    table = Table(title=f"{s['candidate']}\nvs {s['reference']}\n({mode})", box=box.SIMPLE_HEAD, padding=(0, 0), show_edge=False)
+    table.add_column("#", justify="right", no_wrap=True)
+    table.add_column("prompt", overflow="ellipsis", no_wrap=True, max_width=20)
+    for name in ("steps", "KL mean", "KL max", "corr", "entropy", "match", "top-5", "div"):
+        table.add_column(name, justify="right", no_wrap=True)
     for r in result.per_prompt:
         m = r.means()
         table.add_row(
             str(r.index),
             _shorten(r.text),
             str(r.steps),
-            _fmt(m["kl"], ".2e"),
-            _fmt(m["kl_max"], ".2e"),
+            _fmt(m["kl"], ".1e"),
+            _fmt(m["kl_max"], ".1e"),
             _fmt(m["corr"], ".4f"),
             _fmt(m["entropy"], ".3f"),
             _fmt(m["match_rate"], ".1%"),
@@ -339,8 +343,8 @@ def render_table(result: CompareResult) -> Table:
         "all",
         "",
         str(s["steps"]),
-        styled(_fmt(s["kl_mean"], ".2e"), "kl"),
-        _fmt(s["kl_max"], ".2e"),
+        styled(_fmt(s["kl_mean"], ".1e"), "kl"),
+        _fmt(s["kl_max"], ".1e"),
         styled(_fmt(s["corr_mean"], ".4f"), "correlation"),
         styled(_fmt(s["entropy_mean"], ".3f"), "entropy"),
         styled(_fmt(s["match_rate"], ".1%"), "match"),

@@ -12,7 +12,7 @@ Numeric model
 * Every op's output is rounded to the op's declared dtype (fp16: round to nearest even, ``inf``
   on overflow), one rounding per op.  The executor casts after every op.
 * Inside one op, arithmetic is at least fp32: matmul, linear, einsum and convolutions accumulate in
-  fp32 (MLX's fp16 matmul does; bias is added before the single rounding), and reductions,
+  fp32 (fp16 operands widen exactly; bias is added before the single rounding), and reductions,
   softmax, layer_norm, transcendental functions (exp, rsqrt, erf, silu, gelu, ...) and
   scaled_dot_product_attention are computed in fp32 and rounded once.  Plain fp16 add/sub/mul/div
   run natively, which is bit-identical to computing in fp32 and rounding.
@@ -28,16 +28,17 @@ Every op's output shape is also checked against the shape the program declares (
 so an executor bug or a malformed program fails at the op that caused it, not downstream.
 
 Speed: each function is compiled at load into a flat list of closures over ``mx.array`` values
-(no graph walking or attribute parsing per call); the Python side of a 2,000-op decode step costs
-about 15-20 ms, the rest is MLX compute.  ``compile=True`` also runs the function body through
-``mx.compile`` (traced once per input-shape signature); on the Linux CPU backend it measured no
-faster (0.9x), so it is off by default.
+(no graph walking or attribute parsing per call), each slot released after its last reader.
+Weight products (linear, 1x1 conv, matmul) run on numpy's BLAS in fp32 (see
+``mil_ops.host_matmul``: the Linux MLX CPU wheel's reference BLAS is 30-50x slower), and KV-cache
+writes reuse the state's buffer in place (``MILExecutor.run``), so a 135M-parameter decode step
+is dominated by real arithmetic, not copies.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -71,6 +72,7 @@ class _Step:
     dtypes: tuple[mx.Dtype, ...]
     shapes: tuple[Shape, ...]
     label: str
+    frees: tuple[int, ...] = ()  # slots read for the last time here, released after the step
 
 
 @dataclass
@@ -83,35 +85,28 @@ class _Program:
     outputs: list[tuple[str, int]]
     base_env: list[Any]
     steps: list[_Step]
-    host_sync: bool
-    compiled: Any = field(default=None, repr=False)
 
 
 class MILExecutor:
     """Executes the functions of one Core ML package on MLX (see the module docstring)."""
 
-    def __init__(self, programs: dict[str, _Program], pool: ConstPool, use_compile: bool) -> None:
+    def __init__(self, programs: dict[str, _Program], pool: ConstPool) -> None:
         self._programs = programs
         self._pool = pool
-        self._use_compile = use_compile
 
     # -- loading --------------------------------------------------------------------------------
 
     @classmethod
-    def load(cls, package: str | Path, compile: bool = False) -> MILExecutor:
-        """Load ``package`` and compile each function into closures; weights materialised once.
-
-        ``compile=True`` additionally runs each function body through ``mx.compile`` (except
-        functions with data-dependent shapes, which need host values mid-run).
-        """
+    def load(cls, package: str | Path) -> MILExecutor:
+        """Load ``package`` and compile each function into closures; weights materialised once."""
         program, default = _load_pymil(Path(package))
-        executor = cls.from_program(program, compile=compile)
+        executor = cls.from_program(program)
         if default in executor._programs:  # the default function first, as Core ML picks it
             executor._programs = {default: executor._programs[default], **executor._programs}
         return executor
 
     @classmethod
-    def from_program(cls, program: Any, compile: bool = False) -> MILExecutor:
+    def from_program(cls, program: Any) -> MILExecutor:
         """Run a pymil ``Program`` directly (no save/load round trip).
 
         Handy for checking op semantics or a program before ``ct.convert``; note that it then
@@ -119,7 +114,7 @@ class MILExecutor:
         """
         pool = ConstPool()
         programs = {name: _lower(name, fn, pool) for name, fn in program.functions.items()}
-        return cls(programs, pool, compile)
+        return cls(programs, pool)
 
     # -- description ----------------------------------------------------------------------------
 
@@ -137,7 +132,8 @@ class MILExecutor:
     @property
     def weight_bytes(self) -> int:
         """Bytes of materialised constants of 4 KiB or more (weights), deduplicated across
-        functions: a multifunction package's shared weights count once."""
+        functions: a multifunction package's shared weights count once.  Weights of matrix
+        products are held in fp32 for the BLAS, so an fp16 package takes twice its file size."""
         return self._pool.nbytes
 
     def outputs(self, function: str) -> list[str]:
@@ -173,16 +169,16 @@ class MILExecutor:
                     f"state {name} has shape {tuple(states[name].shape)}, function {function} "
                     f"declares {shape}"
                 )
-        state_in = [states[name] for name in prog.states]
-        if self._use_compile and not prog.host_sync:
-            if prog.compiled is None:
-                prog.compiled = mx.compile(lambda *a: _execute(prog, a[: len(args)], a[len(args) :]))
-            outs, state_out = prog.compiled(*args, *state_in)
-        else:
-            outs, state_out = _execute(prog, args, state_in)
-        mx.eval(outs, state_out)
-        for name, value in zip(prog.states, state_out):
-            states[name] = value
+        # The states move into this run's own store and back at the end, so that nothing else
+        # holds them while the program runs: MLX then writes a KV-cache slice_update into the
+        # buffer in place (it donates an array no one else references) instead of copying the
+        # whole cache for every layer.
+        store = {name: states.pop(name) for name in prog.states}
+        try:
+            outs = _execute(prog, args, store)
+            mx.eval(outs, list(store.values()))
+        finally:
+            states.update(store)
         return {name: value for (name, _), value in zip(prog.outputs, outs)}
 
     def _program(self, function: str) -> _Program:
@@ -241,10 +237,8 @@ def _lower(name: str, fn: Function, pool: ConstPool) -> _Program:
         return slots[id(var)]
 
     steps: list[_Step] = []
-    host_sync = False
     for op in _live_ops(fn, ctx):
         kernel = _build(op, ctx)
-        host_sync = host_sync or kernel.host_sync
         args = tuple(slot_of(v) for v in kernel.args)
         outs = tuple(new_slot(v) for v in op.outputs)
         steps.append(
@@ -258,7 +252,21 @@ def _lower(name: str, fn: Function, pool: ConstPool) -> _Program:
             )
         )
     outputs = [(var.name, slot_of(var)) for var in fn.outputs]
-    return _Program(name, inputs, states, outputs, base_env, steps, host_sync)
+    return _Program(name, inputs, states, outputs, base_env, _with_frees(steps, outputs))
+
+
+def _with_frees(steps: list[_Step], outputs: list[tuple[str, int]]) -> list[_Step]:
+    """Mark in each step the slots it reads for the last time (outputs are kept to the end)."""
+    last: dict[int, int] = {}
+    for index, step in enumerate(steps):
+        for slot in step.args:
+            last[slot] = index
+    keep = {slot for _, slot in outputs}
+    frees: dict[int, list[int]] = {}
+    for slot, index in last.items():
+        if slot not in keep:
+            frees.setdefault(index, []).append(slot)
+    return [replace(step, frees=tuple(frees.get(i, ()))) for i, step in enumerate(steps)]
 
 
 def _is_static(op: Operation, ctx: BuildContext) -> bool:
@@ -322,15 +330,16 @@ def _shape_matches(actual: tuple[int, ...], declared: Shape) -> bool:
     return len(actual) == len(declared) and all(d is None or d == a for a, d in zip(actual, declared))
 
 
-def _execute(prog: _Program, args: Any, state_values: Any) -> tuple[list[Array], list[Array]]:
-    """One pass over the steps.  Pure in (inputs, states) -> (outputs, new states), so that the
-    same body runs eagerly or under ``mx.compile``."""
+def _execute(prog: _Program, args: list[Array], store: dict[str, Array]) -> list[Array]:
+    """One pass over the steps; ``store`` holds the states and receives their new values.
+
+    Each slot is released after its last reader, so intermediate arrays (and old KV-cache
+    values) are not kept alive longer than the program needs them.
+    """
     env = list(prog.base_env)
     for (_, _, slot), value in zip(prog.inputs.values(), args):
         env[slot] = value
-    store: dict[str, Array] = {}
-    for (name, (shape, dtype, slot)), value in zip(prog.states.items(), state_values):
-        store[name] = value
+    for name, (shape, dtype, slot) in prog.states.items():
         env[slot] = StateCell(store, name, shape, dtype)
     step = None
     try:
@@ -344,9 +353,11 @@ def _execute(prog: _Program, args: Any, state_values: Any) -> tuple[list[Array],
                 if not _shape_matches(tuple(value.shape), shape):
                     raise RuntimeError(f"produced shape {tuple(value.shape)}, declared {shape}")
                 env[slot] = value
+            del result
+            for slot in step.frees:
+                env[slot] = None
     except Exception as exc:
         if step is not None:
             exc.add_note(f"while running MIL op {step.label}")
         raise
-    outputs = [env[slot] for _, slot in prog.outputs]
-    return outputs, [store[name] for name in prog.states]
+    return [env[slot] for _, slot in prog.outputs]
