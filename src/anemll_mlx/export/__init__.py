@@ -143,7 +143,7 @@ def export_model(
 
         report("embeddings", 0, 1)
         shapes = ct.EnumeratedShapes(shapes=[(1, 1), (1, options.batch)], default=(1, options.batch))
-        embed = package.convert_with_inputs(
+        embed = package.convert(
             programs.embeddings_program(model, ops), [ct.TensorType(name="input_ids", shape=shapes, dtype=np.int32)]
         )
         package.save(embed, scratch / f"{names['embeddings']}.mlpackage")

@@ -23,22 +23,12 @@ _NAMESPACE = uuid.UUID("6f1d7a52-2b8e-4c61-9a57-0b7c3e2d9f10")
 warnings.filterwarnings("ignore", message=r"Input, 'model\.model\.kv_cache_0'")
 
 
-def convert(program) -> ct.models.MLModel:
-    """A pymil program to an fp16 ML Program for iOS18+/macOS15+, preferring the Neural Engine."""
-    model = ct.convert(
-        program,
-        convert_to="mlprogram",
-        minimum_deployment_target=ct.target.iOS18,
-        compute_precision=ct.precision.FLOAT16,
-        compute_units=ct.ComputeUnit.CPU_AND_NE,
-        skip_model_load=True,
-    )
-    model.user_defined_metadata.pop(DATE_KEY, None)
-    return model
+def convert(program, inputs: list | None = None) -> ct.models.MLModel:
+    """A pymil program to an fp16 ML Program for iOS18+/macOS15+, preferring the Neural Engine.
 
-
-def convert_with_inputs(program, inputs: list) -> ct.models.MLModel:
-    """As ``convert`` with input types given (the embeddings' enumerated token counts)."""
+    ``inputs`` gives input types where the program's own are not enough (the embeddings'
+    enumerated token counts).
+    """
     model = ct.convert(
         program,
         convert_to="mlprogram",
