@@ -25,10 +25,7 @@ def mlx_lm_peer(lm):
 
     Our Gemma norms hold (1 + w); mlx-lm's hold w, so the offset is taken back out here.
     """
-    from mlx_lm.utils import (
-        _get_classes,
-        get_model_path,  # noqa: F401  (import check: mlx-lm is installed)
-    )
+    from mlx_lm.utils import _get_classes
 
     model_class, args_class = _get_classes(lm.config)
     peer = model_class(args_class.from_dict(lm.config))
