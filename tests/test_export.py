@@ -10,6 +10,7 @@ that read it; none of them writes into a shared export.
 from __future__ import annotations
 
 import hashlib
+import platform
 import re
 import shutil
 import subprocess
@@ -627,3 +628,27 @@ def test_cli_entry_point_error_is_one_line(cache, tmp_path):
     assert done.returncode == 2
     lines = [line for line in done.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("error: --lut: bad LUT spec '9'"), done.stderr
+
+
+# --- the coreml driver: Core ML itself, macOS only
+
+ON_MACOS = platform.system() == "Darwin"
+
+
+@pytest.mark.skipif(ON_MACOS, reason="checks the off-macOS refusal")
+def test_coreml_driver_off_macos_is_one_error_line(cache):
+    out = cache.family("llama")
+    reference = f"mlx:{cache.model('llama')}"
+    result = _cli("compare", "--reference", reference, "--candidate", f"coreml:{out}", "--prompt", "hi")
+    assert result.exit_code == 2
+    lines = _error_lines(result)
+    assert len(lines) == 1 and lines[0].startswith("error: the coreml driver needs macOS with Core ML"), lines
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not ON_MACOS, reason=f"Core ML predictions need macOS (this is {platform.system()})")
+def test_coreml_driver_agrees_with_the_mil_driver(cache):
+    """On a Mac: the same export through Core ML (CPU_AND_NE) and through our executor."""
+    out = cache.family("llama")
+    summary = compare(open_driver(f"mil:{out}"), open_driver(f"coreml:{out}"), prompt_ids(cache.model("llama")), 8).summary
+    assert summary["kl_mean"] < 1e-2 and summary["match_rate"] >= 0.9, summary
