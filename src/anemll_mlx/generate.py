@@ -78,7 +78,7 @@ def generate_tokens(
     start_time = time.perf_counter()
 
     def step(ids: list[int] | mx.array, start: int) -> mx.array:
-        logits = model(mx.array(ids).reshape(1, -1), cache, start)
+        logits = model(mx.array(ids).reshape(1, -1), cache, start, last_only=True)
         return sample(logits[0, -1], temp, top_p)
 
     pos = 0

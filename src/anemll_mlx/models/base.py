@@ -265,8 +265,12 @@ class DecoderModel(nn.Module):
             masks["sliding"] = causal_mask(start, length, end, self.sliding_window, dtype) if needs else None
         return Step(positions=mx.arange(start, end), masks=masks, cache=cache, start=start)
 
-    def __call__(self, ids: mx.array, cache, start: int, ops=None) -> mx.array:
-        """Logits (B, T, vocab) for ``ids`` (B, T) placed at positions start..start+T."""
+    def __call__(self, ids: mx.array, cache, start: int, ops=None, last_only: bool = False) -> mx.array:
+        """Logits (B, T, vocab) for ``ids`` (B, T) placed at positions start..start+T.
+
+        ``last_only`` gives (B, 1, vocab), the last position's: a prompt's other positions would
+        cost a full LM-head matmul each for logits nobody reads.
+        """
         from ..ops.mlx_ops import MLXOps
 
         ops = ops or MLXOps()
@@ -274,4 +278,6 @@ class DecoderModel(nn.Module):
             raise ValueError(f"positions up to {start + ids.shape[1]} exceed the cache context {cache.context}")
         h = self.embed(ops, ids)
         h = self.forward_layers(ops, h, self.mlx_step(start, ids.shape[1], cache))
+        if last_only:
+            h = h[:, -1:]
         return self.logits(ops, self.final_norm(ops, h))[0]

@@ -43,7 +43,7 @@ class MLXDriver:
         self.position = 0
 
     def _run(self, ids: Sequence[int]) -> np.ndarray:
-        logits = self.lm.model(mx.array(list(ids))[None], self.cache, self.position)[0, -1]
+        logits = self.lm.model(mx.array(list(ids))[None], self.cache, self.position, last_only=True)[0, -1]
         self.position += len(ids)
         return np.array(logits.astype(mx.float32))
 
