@@ -15,6 +15,7 @@ from contextlib import contextmanager
 from typing import Annotated
 
 import typer
+from rich import box
 from rich.console import Console
 from rich.table import Table
 
@@ -268,9 +269,10 @@ def inspect(
 
     with user_errors():
         parts, problems = inspect_export(folder, max_chunk_mb)
-    table = Table(title=str(folder))
-    for col in ("package", "functions", "MB", "weights", "status"):
-        table.add_column(col)
+    table = Table(title=str(folder), box=box.SIMPLE_HEAD, show_edge=False, padding=(0, 1), collapse_padding=True)
+    table.add_column("package", no_wrap=True)  # names are what a user greps for: never cut them
+    for col in ("functions", "MB", "weights", "status"):
+        table.add_column(col, justify="right" if col == "MB" else "left")
     for p in parts:
         table.add_row(p.name, ",".join(p.functions), f"{p.mb:.1f}", p.lut, "ok" if not p.problems else "; ".join(p.problems))
     Console().print(table)
