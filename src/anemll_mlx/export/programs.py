@@ -92,6 +92,16 @@ def embeddings_program(model: DecoderModel, ops: MILOps) -> Program:
     return _program(specs, lambda i: [mb.identity(x=model.embed(ops, i["input_ids"]), name="hidden_states")])
 
 
+def _chunk_inputs(model: DecoderModel, tokens: int, context: int) -> dict:
+    """The tensor inputs every chunk function takes, named as ANEMLL's runtimes pass them."""
+    return {
+        "hidden_states": mb.TensorSpec((1, tokens, model.args.hidden_size), dtype=types.fp16),
+        "position_ids": mb.TensorSpec((tokens,), dtype=types.int32),
+        "causal_mask": mb.TensorSpec((1, 1, tokens, context), dtype=types.fp16),
+        "current_pos": mb.TensorSpec((1,), dtype=types.int32),
+    }
+
+
 def chunk_program(
     model: DecoderModel,
     ops: MILOps,
@@ -111,14 +121,8 @@ def chunk_program(
         return _split_chunk_program(model, ops, layers, tokens, context, last, window, rotate)
     if rotate:
         raise ValueError("rotate functions exist only for a split cache (context > sliding window)")
-    hidden = model.args.hidden_size
-    specs = {
-        "hidden_states": mb.TensorSpec((1, tokens, hidden), dtype=types.fp16),
-        "position_ids": mb.TensorSpec((tokens,), dtype=types.int32),
-        "causal_mask": mb.TensorSpec((1, 1, tokens, context), dtype=types.fp16),
-        "current_pos": mb.TensorSpec((1,), dtype=types.int32),
-        STATE_NAME: mb.StateTensorSpec(kv_state_shape(model, context), dtype=types.fp16),
-    }
+    specs = _chunk_inputs(model, tokens, context)
+    specs[STATE_NAME] = mb.StateTensorSpec(kv_state_shape(model, context), dtype=types.fp16)
 
     def body(i):
         cache = MILKVCache(i[STATE_NAME], model.args.num_hidden_layers, i["current_pos"])
@@ -146,12 +150,7 @@ def _split_chunk_program(
     if tokens > window:
         raise ValueError(f"{tokens} tokens per call exceed the sliding window {window}")
     a = model.args
-    specs = {
-        "hidden_states": mb.TensorSpec((1, tokens, a.hidden_size), dtype=types.fp16),
-        "position_ids": mb.TensorSpec((tokens,), dtype=types.int32),
-        "causal_mask": mb.TensorSpec((1, 1, tokens, context), dtype=types.fp16),
-        "current_pos": mb.TensorSpec((1,), dtype=types.int32),
-    }
+    specs = _chunk_inputs(model, tokens, context)
     shapes = kv_state_shapes(model, context)
     for name, shape in shapes.items():
         specs[name] = mb.StateTensorSpec(shape, dtype=types.fp16)
