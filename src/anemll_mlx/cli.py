@@ -286,7 +286,7 @@ def inspect(
 
 @app.command()
 def compare(
-    reference: Annotated[str, typer.Option(help="Reference driver: mlx:MODEL[@fp32|fp16|bf16][+scale=A], mil:DIR or coreml:DIR")],
+    reference: Annotated[str, typer.Option(help="Reference driver: mlx:MODEL[@fp32|fp16|bf16][+scale=A][+lut=SPEC], mil:DIR or coreml:DIR")],
     candidate: Annotated[str, typer.Option(help="Candidate driver spec")],
     prompts: Annotated[str | None, typer.Option(help="Prompt file: JSONL with a 'prompt' key, or one per line")] = None,
     prompt: Annotated[list[str] | None, typer.Option(help="A prompt (repeatable)")] = None,

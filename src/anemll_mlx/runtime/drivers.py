@@ -1,6 +1,8 @@
 """The three drivers and the command-line specs that name them.
 
-    mlx:MODEL[@fp32|fp16|bf16][+scale=ALPHA]   our MLX model (the reference)
+    mlx:MODEL[@fp32|fp16|bf16][+scale=ALPHA][+lut=SPEC]
+                                               our MLX model (the reference); +lut= with the
+                                               decoder projections palettized as export --lut SPEC
     mil:EXPORT_DIR                             an export, executed by our MIL executor (anywhere)
     coreml:EXPORT_DIR                          an export, executed by Core ML (macOS only)
 
@@ -23,7 +25,9 @@ from .export_host import ExportHost
 
 MLX_DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
 SPEC = re.compile(r"^(?P<kind>mlx|mil|coreml):(?P<target>.+)$")
-MLX_TARGET = re.compile(r"^(?P<model>.+?)(?:@(?P<dtype>fp32|fp16|bf16))?(?:\+scale=(?P<scale>[0-9.eE+-]+))?$")
+MLX_TARGET = re.compile(
+    r"^(?P<model>.+?)(?:@(?P<dtype>fp32|fp16|bf16))?(?:\+scale=(?P<scale>[0-9.eE+-]+))?(?:\+lut=(?P<lut>[0-9a-z,]+))?$"
+)
 MLX_CONTEXT = 2048
 
 
@@ -118,7 +122,9 @@ def open_driver(spec: str, context: int | None = None):
     """A driver from its command-line spec; bad specs raise BadArgumentError naming the forms."""
     m = SPEC.match(spec)
     if not m:
-        raise BadArgumentError(f"bad driver spec '{spec}' (use mlx:MODEL[@fp32|fp16|bf16][+scale=A], mil:DIR or coreml:DIR)")
+        raise BadArgumentError(
+            f"bad driver spec '{spec}' (use mlx:MODEL[@fp32|fp16|bf16][+scale=A][+lut=SPEC], mil:DIR or coreml:DIR)"
+        )
     kind, target = m["kind"], m["target"]
     if kind == "mlx":
         t = MLX_TARGET.match(target)
@@ -135,6 +141,12 @@ def open_driver(spec: str, context: int | None = None):
             except ValueError:
                 raise BadArgumentError(f"bad scale in driver spec '{spec}'") from None
             apply_fp16_scale(lm.model, alpha)
+        if t["lut"]:
+            from ..quant.lut import apply_lut, parse_lut_spec
+
+            lut = parse_lut_spec(t["lut"])
+            if lut is not None:
+                apply_lut(lm.model, lut)
         return MLXDriver(lm, spec, context)
     export = read_export(Path(target), prefer_compiled=kind == "coreml")
     runner = MILRunner() if kind == "mil" else CoreMLRunner()
