@@ -438,21 +438,18 @@ def lut_to_mil(lw: LUTWeight, shape: tuple[int, ...], name: str) -> Any:
     return mb.constexpr_lut_to_dense(indices=indices, lut=lw.lut.reshape(lut_shape), name=name)
 
 
-def apply_lut(model, spec: LUTSpec) -> int:
+def apply_lut(model, spec: LUTSpec) -> None:
     """Replace every decoder-layer projection weight with its fitted LUT, dequantized.
 
     These are the weights ``export --lut SPEC`` palettizes (attention and MLP projections; not the
     embeddings or LM head), fitted by the same deterministic ``fit_lut``, so the MLX model then
     computes with exactly the export's weights.  Comparing it with the export separates what
-    quantization costs from what the export itself adds.  Returns how many weights were replaced.
+    quantization costs from what the export itself adds.
     """
     from ..models.base import Linear
 
-    replaced = 0
     for layer in model.model.layers:
         for module in layer.modules():
             if isinstance(module, Linear):
                 dense = fit_lut(module.weight, spec).dequantize()
                 module.weight = mx.array(dense).astype(module.weight.dtype)
-                replaced += 1
-    return replaced

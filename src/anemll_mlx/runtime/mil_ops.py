@@ -158,19 +158,17 @@ class BuildContext:
 
     def array(self, var: Var) -> Array:
         """The static value of ``var`` as an MLX array of its declared dtype (deduplicated)."""
-        value = self.static(var)
-        if value is None:
-            raise ValueError(f"{var.name} is not a load-time constant")
-        target = np_dtype(mx_dtype(var.dtype))
-        return self.pool.array(np.asarray(value).astype(target, copy=False))
+        return self.pool.array(self._declared(var))
 
     def host_matrix(self, var: Var) -> np.ndarray:
         """The static value of ``var``, rounded to its declared dtype, as float32 numpy (deduplicated)."""
+        return self.pool.host_matrix(self._declared(var))
+
+    def _declared(self, var: Var) -> np.ndarray:
         value = self.static(var)
         if value is None:
             raise ValueError(f"{var.name} is not a load-time constant")
-        target = np_dtype(mx_dtype(var.dtype))
-        return self.pool.host_matrix(np.asarray(value).astype(target, copy=False))
+        return np.asarray(value).astype(np_dtype(mx_dtype(var.dtype)), copy=False)
 
     def param(self, op: Operation, name: str, default: Any = None) -> Any:
         """A constant attribute of ``op`` (numpy value), ``default`` when the input is absent."""
@@ -607,8 +605,7 @@ def host_matmul(a: Array | np.ndarray, b: Array | np.ndarray, bias: np.ndarray |
     fp32 exactly, so this is the same arithmetic as an fp32-accumulating fp16 matmul.  It needs the
     operands on the host, so it evaluates them (MLX is lazy) before it runs.
     """
-    y = np.matmul(np.asarray(up(a) if isinstance(a, mx.array) else a, dtype=np.float32),
-                  np.asarray(up(b) if isinstance(b, mx.array) else b, dtype=np.float32))
+    y = np.matmul(np.asarray(a, dtype=np.float32), np.asarray(b, dtype=np.float32))
     if bias is not None:
         y += bias
     return mx.array(y)
