@@ -17,7 +17,7 @@ from anemll_mlx.loading import load
 from anemll_mlx.probe import (
     ProbeOps,
     apply_fp16_scale,
-    auto_fp16_scale,
+    decide_fp16_scale,
     find_recipe,
     load_recipes,
     recommend_scale,
@@ -180,4 +180,5 @@ def test_recipe_longest_name_wins():
 
 def test_auto_scale_without_a_recipe_probes(variants):
     lm = load(variants["llama_tied"], "float32")
-    assert auto_fp16_scale(lm, prompts=["Hello! How are you today?"], max_tokens=2) is None  # FP16-safe
+    decision = decide_fp16_scale(lm, "auto", prompts=["Hello! How are you today?"], max_tokens=2)
+    assert decision.value is None and decision.source == "probe"  # FP16-safe

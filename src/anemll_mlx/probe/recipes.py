@@ -1,4 +1,5 @@
-"""Known models' FP16 recipes: published residual peaks and scales, kept as data in ``models/*.yaml``.
+"""Known models' FP16 recipes (published residual peaks and scales, package data in
+``anemll_mlx/data/recipes/*.yaml``) and the ``--fp16-scale`` decision that uses them.
 
 ``--fp16-scale auto`` prefers a recipe over a fresh probe: the published figures come from far more
 calibration text than a probe sees here.  A recipe matches a loaded model by hub id, folder name,
@@ -8,16 +9,20 @@ renamed file of another model cannot pick up the wrong scale.
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass
+from importlib import resources
+from importlib.abc import Traversable
 from pathlib import Path
 
 import yaml
 
+from ..errors import BadArgumentError
 from ..loading import LoadedModel
 
-# The repository's top-level models/ folder (src/anemll_mlx/probe/recipes.py -> repo root).
-RECIPES = Path(__file__).resolve().parents[3] / "models"
+# Shipped inside the package, so an installed wheel finds them as a source checkout does.
+RECIPES = resources.files("anemll_mlx").joinpath("data", "recipes")
 
 # What may follow a recipe's name in a file or repo name: quantization and format tags only.
 _TAG = re.compile(r"(gguf|mlx|f16|f32|bf16|fp16|q\d\w*|iq\d\w*|\d+bit|k|m|s|l|xs|xxs|\d)")
@@ -33,10 +38,11 @@ class Recipe:
     fp16_scale: float | None  # None: the model is FP16-safe as published
 
 
-def load_recipes(folder: Path = RECIPES) -> list[Recipe]:
-    """Every ``*.yaml`` recipe in ``folder`` (none when the folder is absent, e.g. a wheel install)."""
+def load_recipes(folder: Path | Traversable = RECIPES) -> list[Recipe]:
+    """Every ``*.yaml`` recipe in ``folder`` (the package's own by default)."""
     recipes = []
-    for path in sorted(folder.glob("*.yaml")) if folder.is_dir() else []:
+    paths = sorted((p for p in folder.iterdir() if p.name.endswith(".yaml")), key=lambda p: p.name)
+    for path in paths:
         data = yaml.safe_load(path.read_text(encoding="utf-8"))
         try:
             scale = data["fp16_scale"]
@@ -87,17 +93,42 @@ def model_names(lm: LoadedModel) -> set[str]:
     return {_normal(n) for n in names}
 
 
-def auto_fp16_scale(lm: LoadedModel, **probe_options) -> float | None:
-    """``--fp16-scale auto``: the matching recipe's scale, else the probe's recommendation.
+@dataclass(frozen=True)
+class ScaleDecision:
+    """The fp16 scale an export uses (None: no scaling) and where it came from, for the user."""
 
-    None means no scaling.  ``probe_options`` (prompts, max_tokens, progress...) go to the probe.
-    """
+    value: float | None
+    source: str
+
+    def __str__(self) -> str:
+        return f"{'none' if self.value is None else self.value} ({self.source})"
+
+
+def parse_fp16_scale(text: str) -> float | str | None:
+    """``--fp16-scale``: ``auto``, ``none`` or a number in (0, 1]."""
+    if text in ("auto", "none"):
+        return None if text == "none" else text
+    try:
+        value = float(text)
+    except ValueError:
+        raise BadArgumentError(f"--fp16-scale must be auto, none or a number, not '{text}'") from None
+    if not (math.isfinite(value) and 0 < value <= 1):
+        raise BadArgumentError(f"--fp16-scale must be in (0, 1], got {text}")
+    return value
+
+
+def decide_fp16_scale(lm: LoadedModel, setting: float | str | None = "auto", **probe_options) -> ScaleDecision:
+    """The scale for ``setting``: a number or None as given; ``auto`` takes the matching recipe's
+    scale, else runs the probe and takes its recommendation (``probe_options`` go to the probe)."""
+    if setting != "auto":
+        value = parse_fp16_scale(setting) if isinstance(setting, str) else setting
+        return ScaleDecision(value, "given")
     recipe = find_recipe(lm)
     if recipe is not None:
-        return recipe.fp16_scale
+        return ScaleDecision(recipe.fp16_scale, f"recipe {recipe.name}, peak {recipe.published_peak:,.0f}")
     from .run import probe
 
-    return probe(lm, **probe_options)["recommended_fp16_scale"]
+    return ScaleDecision(probe(lm, **probe_options)["recommended_fp16_scale"], "probe")
 
 
 def _gguf_names(path: Path) -> set[str]:
