@@ -9,6 +9,7 @@ from __future__ import annotations
 import io
 import json
 import math
+import os
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -238,7 +239,8 @@ def test_identical_drivers_agree_everywhere() -> None:
     }
     assert set(s) == {
         "kl_mean", "kl_max", "corr_mean", "entropy_mean", "match_rate", "first_divergence",
-        "top5_overlap", "prompts", "steps", "health", "reference", "candidate",
+        "top5_overlap", "prompts", "steps", "steps_per_prompt", "ended_at_eos", "health", "reference",
+        "candidate",
     }  # fmt: skip
 
 
@@ -307,6 +309,28 @@ def test_progress_counts_every_step() -> None:
     assert calls == [(i, 9) for i in range(1, 10)]
 
 
+@pytest.mark.parametrize("free_run", [False, True])
+def test_steps_end_where_the_reference_ends_its_turn(free_run: bool) -> None:
+    """Past an end-of-turn token the reference writes a turn nobody asked for: no steps there."""
+    table = _table()
+    tokens = compare(HashedBigram(table), HashedBigram(table), [PROMPTS[0]], 8).per_prompt[0].tokens
+    stop = tokens[3]
+    cut = tokens.index(stop) + 1  # the step that produced the first stop token is the last one
+    calls: list[tuple[int, int]] = []
+    result = compare(
+        HashedBigram(table), FlipAt(table, flip_step=6), [PROMPTS[0], PROMPTS[1]], 8, free_run,
+        progress=lambda d, t: calls.append((d, t)), stop_ids={stop},
+    )  # fmt: skip
+    first = result.per_prompt[0]
+    assert first.tokens == tokens[:cut] and first.steps == cut and first.ended == "eos"
+    assert result.summary["steps_per_prompt"][0] == cut
+    assert first.first_divergence is None  # the flip at step 6 lies past the end of turn
+    assert calls[-1] == (16, 16)  # the bar still completes
+    second = result.per_prompt[1]
+    assert second.ended == ("eos" if stop in second.tokens else "max_tokens")
+    assert result.summary["ended_at_eos"] == sum(r.ended == "eos" for r in result.per_prompt)
+
+
 def test_a_driver_returning_only_the_last_prefill_row_is_accepted() -> None:
     result = compare(HashedBigram(_table()), LastRowOnly(_table()), PROMPTS, max_tokens=3)
     assert result.summary["kl_max"] < 1e-12
@@ -347,8 +371,13 @@ def test_write_results_contents(tmp_path: Path) -> None:
         texts=["one two three", "seven"],
     )  # fmt: skip
     out = tmp_path / "run"
+    out.mkdir()
     write_results(result, out)
     assert sorted(p.name for p in out.iterdir()) == ["results.jsonl", "summary.json"]  # no temp files left
+    umask = os.umask(0)
+    os.umask(umask)
+    for name in ("results.jsonl", "summary.json"):  # readable as any file the user writes
+        assert (out / name).stat().st_mode & 0o777 == 0o666 & ~umask
     lines = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
     assert [line["prompt"] for line in lines] == [0, 1]
     first = lines[0]
@@ -393,9 +422,9 @@ def test_gate() -> None:
         "mean KL n/a exceeds the maximum 1",
         "match rate n/a is below the minimum 0.00%",
     ]
-    with pytest.raises(BadArgumentError, match="max KL"):
+    with pytest.raises(BadArgumentError, match="--max-kl must be a number >= 0, got -1.0"):
         gate(summary, -1.0, None)
-    with pytest.raises(BadArgumentError, match="min match"):
+    with pytest.raises(BadArgumentError, match=r"--min-match must be between 0 and 1 \(a fraction\), got 1.5"):
         gate(summary, None, 1.5)
 
 

@@ -11,9 +11,7 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import tempfile
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -21,6 +19,7 @@ import numpy as np
 from rich import box
 from rich.table import Table
 
+from .. import interrupts
 from ..errors import BadArgumentError
 from ..runtime.base import Driver, last_logits
 from .metrics import classify, step_metrics, worst
@@ -49,6 +48,7 @@ class PromptResult:
     match: list[bool] = field(default_factory=list)
     top5: list[float] = field(default_factory=list)
     first_divergence: int | None = None
+    ended: str = "max_tokens"  # why the steps stopped: max_tokens, context, or eos (end of turn)
     text: str | None = None
     reference_text: str | None = None
     candidate_text: str | None = None
@@ -137,9 +137,12 @@ def compare(
     *,
     texts: Sequence[str] | None = None,
     detokenize: Callable[[list[int]], str] | None = None,
+    stop_ids: Collection[int] = (),
 ) -> CompareResult:
     """Compare ``candidate`` against ``reference`` over tokenized ``prompts``.
 
+    A prompt's steps end early once the reference picks one of ``stop_ids`` (its tokenizer's
+    end-of-turn / EOS ids): past that point the reference text is a new turn nobody asked for.
     ``progress(done, total)`` is called after every step, counted over all prompts.  ``texts``
     (the prompts before tokenizing) and ``detokenize`` only enrich the written results.
     """
@@ -149,19 +152,25 @@ def compare(
     plan = [planned_steps(len(ids), context, max_tokens) for ids in prompts]
     total, done = sum(plan), 0
 
-    def tick() -> None:
+    def tick(count: int = 1) -> None:
         nonlocal done
-        done += 1
+        interrupts.check()
+        done += count
         if progress is not None:
             progress(done, total)
 
     run = _free_run if free_run else _teacher_forced
+    stops = {int(t) for t in stop_ids}
     results = []
     for n, (ids, steps) in enumerate(zip(prompts, plan)):
         result = PromptResult(
             index=n, prompt_ids=[int(t) for t in ids], text=None if texts is None else texts[n]
         )
-        run(reference, candidate, result, steps, tick)
+        if steps < max_tokens:
+            result.ended = "context"
+        run(reference, candidate, result, steps, tick, stops)
+        if len(result.tokens) < steps:
+            tick(steps - len(result.tokens))  # the steps skipped after the end of turn
         if detokenize is not None:
             result.reference_text = detokenize(result.tokens)
             if free_run:
@@ -180,7 +189,7 @@ def _step(driver: Driver, token: int) -> np.ndarray:
 
 
 def _teacher_forced(
-    reference: Driver, candidate: Driver, result: PromptResult, steps: int, tick: Callable
+    reference: Driver, candidate: Driver, result: PromptResult, steps: int, tick: Callable, stops: set[int]
 ) -> None:
     ref, cand = _start(reference, result.prompt_ids), _start(candidate, result.prompt_ids)
     for step in range(steps):
@@ -191,9 +200,14 @@ def _teacher_forced(
         result.tokens.append(int(np.argmax(ref)))
         result.candidate_tokens.append(int(np.argmax(cand)))
         tick()
+        if result.tokens[-1] in stops:
+            result.ended = "eos"
+            return
 
 
-def _free_run(reference: Driver, candidate: Driver, result: PromptResult, steps: int, tick: Callable) -> None:
+def _free_run(
+    reference: Driver, candidate: Driver, result: PromptResult, steps: int, tick: Callable, stops: set[int]
+) -> None:
     ref, cand = _start(reference, result.prompt_ids), _start(candidate, result.prompt_ids)
     for step in range(steps):
         if step:
@@ -204,6 +218,9 @@ def _free_run(reference: Driver, candidate: Driver, result: PromptResult, steps:
         result.tokens.append(int(np.argmax(ref)))
         result.candidate_tokens.append(int(np.argmax(cand)))
         tick()
+        if result.tokens[-1] in stops:
+            result.ended = "eos"
+            return
 
 
 def summarize(results: Sequence[PromptResult], reference: str, candidate: str) -> dict:
@@ -219,6 +236,8 @@ def summarize(results: Sequence[PromptResult], reference: str, candidate: str) -
         "first_divergence": [r.first_divergence for r in results],
         "prompts": len(results),
         "steps": len(kl),
+        "steps_per_prompt": [r.steps for r in results],
+        "ended_at_eos": sum(r.ended == "eos" for r in results),
         "reference": reference,
         "candidate": candidate,
     }
@@ -258,6 +277,7 @@ def prompt_record(result: PromptResult, free_run: bool) -> dict:
             "reference_text": result.reference_text,
             "candidate_text": result.candidate_text,
             "steps": result.steps,
+            "ended": result.ended,
             "kl": result.kl,
             "corr": result.corr,
             "entropy": result.entropy,
@@ -269,29 +289,17 @@ def prompt_record(result: PromptResult, free_run: bool) -> dict:
     )
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    """Write next to ``path`` then rename, so a reader never sees half a file."""
-    handle = tempfile.NamedTemporaryFile(
-        "w", encoding="utf-8", dir=path.parent, prefix=f".{path.name}.", suffix=".tmp", delete=False
-    )
-    try:
-        with handle:
-            handle.write(text)
-        os.replace(handle.name, path)
-    except BaseException:
-        Path(handle.name).unlink(missing_ok=True)
-        raise
+def write_results(result: CompareResult, folder: Path) -> None:
+    """``results.jsonl`` (one line per prompt) and ``summary.json`` in ``folder``.
 
-
-def write_results(result: CompareResult, out_dir: Path) -> None:
-    """``results.jsonl`` (one line per prompt) and ``summary.json`` in ``out_dir`` (created if needed)."""
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    ``folder`` is meant to be the partial folder of an ``OutputFolder`` (see ``anemll_mlx.output``),
+    which makes the pair appear together or not at all.
+    """
+    folder = Path(folder)
     lines = (json.dumps(prompt_record(r, result.free_run), ensure_ascii=False) for r in result.per_prompt)
-    _write_atomic(out_dir / "results.jsonl", "".join(line + "\n" for line in lines))
-    _write_atomic(
-        out_dir / "summary.json", json.dumps(_finite(result.summary), indent=2, ensure_ascii=False) + "\n"
-    )
+    (folder / "results.jsonl").write_text("".join(line + "\n" for line in lines), encoding="utf-8")
+    summary = json.dumps(_finite(result.summary), indent=2, ensure_ascii=False) + "\n"
+    (folder / "summary.json").write_text(summary, encoding="utf-8")
 
 
 # --- presenting and gating
@@ -366,15 +374,21 @@ def verdict(summary: dict) -> str:
         f"match {_fmt(summary['match_rate'], '.1%')} ({h['match']}), "
         f"entropy {_fmt(summary['entropy_mean'], '.3f')} nats ({h['entropy']}); "
         f"{diverged} of {summary['prompts']} prompts diverged"
+        + (f"; {summary['ended_at_eos']} reached the end of turn early" if summary.get("ended_at_eos") else "")
     )
+
+
+def check_thresholds(max_kl: float | None, min_match: float | None) -> None:
+    """The gate's flags, checked before anything runs."""
+    if max_kl is not None and not max_kl >= 0:
+        raise BadArgumentError(f"--max-kl must be a number >= 0, got {max_kl}")
+    if min_match is not None and not 0 <= min_match <= 1:
+        raise BadArgumentError(f"--min-match must be between 0 and 1 (a fraction), got {min_match:g}")
 
 
 def gate(summary: dict, max_kl: float | None, min_match: float | None) -> list[str]:
     """Failed thresholds as sentences (empty: pass).  NaN never passes a threshold."""
-    if max_kl is not None and not max_kl >= 0:
-        raise BadArgumentError(f"max KL must be a non-negative number, got {max_kl}")
-    if min_match is not None and not 0 <= min_match <= 1:
-        raise BadArgumentError(f"min match must be between 0 and 1, got {min_match}")
+    check_thresholds(max_kl, min_match)
     failures = []
     kl, match = summary["kl_mean"], summary["match_rate"]
     if max_kl is not None and not kl <= max_kl:
