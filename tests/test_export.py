@@ -431,13 +431,11 @@ def test_inspect_flags_a_folder_that_does_not_conform(cache, tmp_path):
 
 @pytest.fixture(scope="module")
 def forced_export(cache, tmp_path_factory) -> tuple[Path, dict[str, str]]:
-    """A second export of llama (2 chunks) made with force=True over a folder of other files,
-    and its file hashes as built."""
+    """An export of llama (2 chunks) made with force=True over an earlier export (1 chunk, other
+    names), and its file hashes as built."""
     out = tmp_path_factory.mktemp("forced") / "out"
-    out.mkdir()
-    (out / "old.txt").write_text("old")
-    (out / "old_dir").mkdir()
-    (out / "old_dir" / "x.bin").write_bytes(b"x")
+    shutil.copytree(cache.export("llama", prefix="old"), out)
+    assert (out / "old_FFN_PF_chunk_01of01.mlpackage").is_dir()
     lm = load(cache.model("llama"), "float32")
     export_model(lm, out, options(attention_chunk=4, chunk=2, force=True))
     return out, tree_digest(out)
@@ -461,9 +459,9 @@ def test_reading_an_export_leaves_its_bytes_unchanged(forced_export):
 
 
 @pytest.mark.slow
-def test_force_replaces_an_existing_folder(forced_export):
+def test_force_replaces_an_earlier_export(forced_export):
     out, _ = forced_export
-    assert not (out / "old.txt").exists() and not (out / "old_dir").exists()
+    assert not any(p.name.startswith("old_") for p in out.iterdir())
     assert (out / "meta.yaml").exists()
     assert inspect_export(out)[1] == []
     assert not leftovers(out.parent)
@@ -500,9 +498,8 @@ def _interrupt_at_lm_head(seen: list[str], parent: Path):
 @pytest.mark.parametrize("existing", [False, True])
 def test_interrupted_export_leaves_the_destination_as_it_was(cache, tmp_path, existing):
     out = tmp_path / "out"
-    if existing:
-        out.mkdir()
-        (out / "old.txt").write_text("old")
+    if existing:  # an earlier export, which --force may replace, but only once the new one is complete
+        shutil.copytree(cache.export("llama1", prefix="old"), out)
     before = tree_digest(out) if existing else None
     seen: list[str] = []
     lm = load(cache.model("llama1"), "float32")

@@ -19,7 +19,8 @@ from rich import box
 from rich.console import Console
 from rich.table import Table
 
-from .errors import UserError
+from . import interrupts
+from .errors import BadArgumentError, UserError
 
 # coremltools warns at import about its macOS-only bindings and prints a progress bar per pass
 # pipeline; transformers (pulled in by coremltools' optional paths) announces torch is absent.
@@ -40,11 +41,19 @@ console = Console(stderr=True)
 
 @contextmanager
 def user_errors() -> Iterator[None]:
+    """UserError -> one ``error:`` line, exit 2; SIGINT/SIGTERM -> one line, exit 130/143.
+
+    Output is cleaned up by the writers themselves (``anemll_mlx.output``) before this sees it.
+    """
     try:
         yield
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         raise typer.Exit(2) from None
+    except interrupts.Interrupted as e:
+        interrupts.clear()
+        print(f"error: {e.message}; nothing was written", file=sys.stderr)
+        raise typer.Exit(e.exit_code) from None
 
 
 ModelArg = Annotated[str, typer.Argument(help="Hugging Face folder, hub id org/name, or .gguf file")]
@@ -70,6 +79,8 @@ def generate(
     from .loading import load, parse_dtype
 
     with user_errors():
+        if not prompt.strip():
+            raise BadArgumentError("--prompt must not be empty")
         parse_dtype(dtype)
         check_sampling(temp, top_p)
         if max_tokens < 1:
@@ -153,18 +164,20 @@ def export(
     attention_chunk: Annotated[int | None, typer.Option(help="Query rows per attention block in prefill (default batch/2)")] = None,
     argmax_in_model: Annotated[bool, typer.Option("--argmax-in-model", help="LM head outputs per-piece argmax")] = False,
     compile: Annotated[str, typer.Option(help="auto, yes or no: compile to .mlmodelc (macOS only)")] = "auto",
-    force: Annotated[bool, typer.Option("--force", help="Replace a non-empty --out")] = False,
+    force: Annotated[bool, typer.Option("--force", help="Replace an earlier export in --out")] = False,
 ) -> None:
     """Write chunked, stateful (optionally LUT-palettized) Core ML programs in ANEMLL's layout."""
-    from pathlib import Path
-
     from rich.progress import Progress
 
-    from .export import ExportOptions, can_compile, export_model
+    from .export import ExportOptions, can_compile, check_output, export_model
     from .export.plan import plan_export
-    from .loading import load
+    from .loading import load, read_config
+    from .models import build_model
+    from .probe.recipes import decide_fp16_scale, find_recipe, parse_fp16_scale
 
     with user_errors():
+        # everything that can be checked without the weights is checked first
+        scale_setting = parse_fp16_scale(fp16_scale)
         options = ExportOptions(
             context=context,
             batch=batch,
@@ -173,6 +186,7 @@ def export(
             lut_ffn=_lut("--lut", lut),
             lut_lm_head=_lut("--lut-lm-head", lut_lm_head),
             lut_embed=_lut("--lut-embed", lut_embed),
+            fp16_scale=scale_setting if scale_setting != "auto" else None,
             prefix=prefix,
             split_lm_head=_int_or_auto("--split-lm-head", split_lm_head),
             attention_chunk=attention_chunk,
@@ -180,14 +194,13 @@ def export(
             compile=compile,
             force=force,
         )
-        destination = Path(out)
-        if destination.exists() and any(destination.iterdir()) and not force:
-            raise UserError(f"{destination} exists and is not empty: pass --force to replace it")
-        lm = load(model, "float32")
-        options.validate(lm)
-        options.fp16_scale = _resolve_scale(lm, fp16_scale)
+        options.check_flags()
+        config, source = read_config(model)
+        target = check_output(out, force, source)
+        skeleton = build_model(config)  # shapes only: no weights are read to plan
+        options.check_model(skeleton)
         plan = plan_export(
-            lm.model, options.chunk, max_chunk_mb, options.lut_ffn, options.lut_lm_head, options.lut_embed,
+            skeleton, options.chunk, max_chunk_mb, options.lut_ffn, options.lut_lm_head, options.lut_embed,
             options.split_lm_head,
         )
         table = Table(title=f"plan: {len(plan.chunks)} chunk(s), budget {max_chunk_mb:g} MB")
@@ -196,6 +209,15 @@ def export(
         for part, layers, mb in plan.rows():
             table.add_row(part, layers, f"{mb:.1f}")
         Console().print(table)
+
+        lm = load(model, "float32")
+        if scale_setting == "auto":
+            if find_recipe(lm) is None:
+                print("--fp16-scale auto: no recipe matches this model, so the probe decides (pass a number or none to skip it)")
+            with _stage_progress("probe") as progress:
+                decision = decide_fp16_scale(lm, "auto", progress=progress)
+            print(f"--fp16-scale auto: {decision}")
+            options.fp16_scale = decision.value
         with Progress(*_bar_columns(), console=console) as bar:
             tasks: dict[str, int] = {}
 
@@ -204,7 +226,7 @@ def export(
                     tasks[part] = bar.add_task(part, total=total)
                 bar.update(tasks[part], completed=done)
 
-            result = export_model(lm, destination, options, progress, plan)
+            result = export_model(lm, target, options, progress, plan)
     summary = Table(title=f"{result.out} ({result.seconds:.1f} s)")
     summary.add_column("package")
     summary.add_column("MB", justify="right")
@@ -215,32 +237,6 @@ def export(
         print("compiled every package to .mlmodelc")
     elif not can_compile():
         print("made .mlpackage only: compiling to .mlmodelc needs macOS with Xcode (xcrun coremlcompiler)")
-
-
-def _resolve_scale(lm, text: str) -> float | None:
-    """--fp16-scale: none, a number, or auto (the model's recipe, else the probe's recommendation)."""
-    if text == "none":
-        return None
-    if text != "auto":
-        try:
-            value = float(text)
-        except ValueError:
-            raise UserError(f"--fp16-scale must be auto, none or a number, not '{text}'") from None
-        if not 0 < value <= 1:
-            raise UserError(f"--fp16-scale must be in (0, 1], got {value}")
-        return value
-    from .probe import auto_fp16_scale, find_recipe
-
-    recipe = find_recipe(lm)
-    if recipe is not None:
-        value = recipe.fp16_scale
-        print(f"--fp16-scale auto: {value if value is not None else 'none'} (recipe {recipe.name}, peak {recipe.published_peak:,.0f})")
-        return value
-    print("--fp16-scale auto: no recipe matches this model, so the probe decides (pass a number or none to skip it)")
-    with _stage_progress("probe") as progress:
-        value = auto_fp16_scale(lm, progress=progress)
-    print(f"--fp16-scale auto: {value if value is not None else 'none'} (probe)")
-    return value
 
 
 def _bar_columns() -> tuple:
@@ -290,10 +286,11 @@ def compare(
     candidate: Annotated[str, typer.Option(help="Candidate driver spec")],
     prompts: Annotated[str | None, typer.Option(help="Prompt file: JSONL with a 'prompt' key, or one per line")] = None,
     prompt: Annotated[list[str] | None, typer.Option(help="A prompt (repeatable)")] = None,
-    max_tokens: Annotated[int, typer.Option(help="Steps per prompt")] = 32,
+    max_tokens: Annotated[int, typer.Option(help="Steps per prompt (fewer when the reference ends its turn)")] = 32,
     free_run: Annotated[bool, typer.Option("--free-run", help="Let each generate on its own; report where they part")] = False,
     chat: Annotated[bool, typer.Option("--chat/--no-chat", help="Wrap prompts in the chat template")] = True,
     out: Annotated[str | None, typer.Option(help="Folder for results.jsonl and summary.json")] = None,
+    force: Annotated[bool, typer.Option("--force", help="Replace earlier compare results in --out")] = False,
     max_kl: Annotated[float | None, typer.Option(help="Exit 1 when the mean KL exceeds this")] = None,
     min_match: Annotated[float | None, typer.Option(help="Exit 1 when the match rate is below this (0-1)")] = None,
 ) -> None:
@@ -302,17 +299,20 @@ def compare(
 
     from rich.progress import Progress
 
+    from .eval.compare import check_thresholds, gate, render_table, verdict, write_results
     from .eval.compare import compare as run_compare
-    from .eval.compare import gate, render_table, verdict, write_results
     from .eval.prompts import load_prompts
-    from .runtime.drivers import open_driver
+    from .output import OutputFolder
+    from .runtime.drivers import open_driver, parse_spec
 
     with user_errors():
         if max_tokens < 1:
-            raise UserError(f"--max-tokens must be >= 1, got {max_tokens}")
+            raise BadArgumentError(f"--max-tokens must be >= 1, got {max_tokens}")
+        check_thresholds(max_kl, min_match)
+        specs = [parse_spec(reference), parse_spec(candidate)]
         texts = load_prompts(Path(prompts) if prompts else None, list(prompt or []))
-        ref = open_driver(reference)
-        cand = open_driver(candidate)
+        target = OutputFolder.check(out, kind="compare", force=force, protect=[s.target for s in specs]) if out else None
+        ref, cand = (open_driver(spec) for spec in specs)
         tokenizer = ref.tokenizer
         ids = [tokenizer.encode_prompt(text, chat) for text in texts]
         with Progress(console=console, transient=True) as bar:
@@ -320,10 +320,11 @@ def compare(
             result = run_compare(
                 ref, cand, ids, max_tokens, free_run,
                 progress=lambda done, total: bar.update(task, completed=done, total=total),
-                texts=texts, detokenize=tokenizer.decode,
+                texts=texts, detokenize=tokenizer.decode, stop_ids=tokenizer.eos_token_ids,
             )
-        if out:
-            write_results(result, Path(out))
+        if target is not None:
+            with target.build() as folder:
+                write_results(result, folder)
         failures = gate(result.summary, max_kl, min_match)
     Console().print(render_table(result))
     print(verdict(result.summary))
@@ -342,33 +343,38 @@ def probe(
     chat: Annotated[bool, typer.Option("--chat/--no-chat", help="Wrap prompts in the chat template")] = True,
     out: Annotated[str | None, typer.Option("--out", help="Write the JSON report here")] = None,
     plot: Annotated[str | None, typer.Option("--plot", help="Write a PNG of per-layer peaks here")] = None,
+    force: Annotated[bool, typer.Option("--force", help="Replace existing --out / --plot files")] = False,
 ) -> None:
     """Where activations pass fp16's 65504, and the --fp16-scale that keeps them inside it."""
     from pathlib import Path
 
     from .eval.prompts import load_prompts
-    from .loading import load
+    from .loading import load, read_config
+    from .output import OutputFile
     from .probe.run import probe as run_probe
 
     with user_errors():
         if max_tokens < 0:
-            raise UserError(f"--max-tokens must be >= 0, got {max_tokens}")
-        for flag, target in (("--out", out), ("--plot", plot)):
-            if target and not Path(target).resolve().parent.is_dir():
-                raise UserError(f"{flag}: folder {Path(target).parent} does not exist")
+            raise BadArgumentError(f"--max-tokens must be >= 0, got {max_tokens}")
         texts = load_prompts(Path(prompts) if prompts else None, list(prompt or [])) if prompts or prompt else None
+        _, source = read_config(model)
+        targets = {
+            flag: OutputFile.check(path, force=force, protect=[source], flag=flag)
+            for flag, path in (("--out", out), ("--plot", plot))
+            if path
+        }
+        if out and plot and targets["--out"].path == targets["--plot"].path:
+            raise BadArgumentError("--out and --plot name the same file")
         lm = load(model, "float32")
         with _stage_progress("probe") as progress:
             report = run_probe(lm, texts, max_tokens, chat, progress=progress)
-        try:
-            if out:
-                Path(out).write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
-            if plot:
-                from .probe.plot import plot_peaks
+        if out:
+            targets["--out"].write_text(json.dumps(report, indent=2) + "\n")
+        if plot:
+            from .probe.plot import plot_peaks
 
-                plot_peaks(report, plot)
-        except OSError as e:
-            raise UserError(f"cannot write {e.filename}: {e.strerror}") from None
+            with targets["--plot"].build() as partial:
+                plot_peaks(report, partial)
     Console().print(_probe_table(report))
     for line in _probe_summary(report):
         print(line)
@@ -417,7 +423,9 @@ def _probe_summary(report: dict) -> list[str]:
 
 
 def main() -> None:
-    """Console entry point: flag-parsing errors also get the one-line `error:` form, exit 2."""
+    """Console entry point: flag-parsing errors also get the one-line `error:` form, exit 2;
+    Ctrl-C and SIGTERM stop any command with one line and exit 130 / 143."""
+    interrupts.install()
     try:
         code = app(standalone_mode=False)
     except typer.TyperException as e:  # click's usage errors (bad value, missing argument, ...)
@@ -427,8 +435,10 @@ def main() -> None:
         else:
             print(f"error: {' '.join(e.format_message().split())}", file=sys.stderr)
         code = 2
-    except typer.Abort:
-        code = 130
+    except (typer.Abort, interrupts.Interrupted) as e:  # a signal outside a command body
+        signal = e if isinstance(e, interrupts.Interrupted) else e.__cause__
+        code = signal.exit_code if isinstance(signal, interrupts.Interrupted) else 130
+        print("error: interrupted", file=sys.stderr)
     sys.exit(code if isinstance(code, int) else 0)
 
 

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 
 import mlx.core as mx
 
+from . import interrupts
 from .errors import BadArgumentError
 from .loading import LoadedModel
 from .loading.tokenizer import StreamingDetokenizer
@@ -90,6 +91,7 @@ def generate_tokens(
     mx.async_eval(token)
     pos = len(prompt_ids)
     for n in range(max_tokens):
+        interrupts.check()
         if n + 1 < max_tokens:
             following = step(token, pos)
             mx.async_eval(following)

@@ -6,7 +6,6 @@ so an interrupted export leaves the destination as it was.
 
 from __future__ import annotations
 
-import os
 import platform
 import shutil
 import subprocess
@@ -18,9 +17,11 @@ from pathlib import Path
 import coremltools as ct
 import numpy as np
 
+from .. import interrupts
 from ..errors import BadArgumentError, UserError
 from ..loading import LoadedModel
 from ..ops.mil_ops import MILOps
+from ..output import OutputFolder
 from ..quant.lut import LUTSpec
 from . import package, programs
 from .meta import write_meta, write_tokenizer_files
@@ -47,22 +48,36 @@ class ExportOptions:
     compile: str = "auto"  # auto | yes | no
     force: bool = False
 
-    def validate(self, lm: LoadedModel) -> None:
-        limit = lm.model.args.max_position_embeddings
-        if self.context < 1 or self.batch < 1:
-            raise BadArgumentError("--context and --batch must be positive")
+    def check_flags(self) -> None:
+        """Every check that needs no model, so bad flags fail before anything is loaded."""
+        if self.context < 1:
+            raise BadArgumentError(f"--context must be >= 1, got {self.context}")
+        if self.batch < 1:
+            raise BadArgumentError(f"--batch must be >= 1, got {self.batch}")
         if self.context % self.batch:
             raise BadArgumentError(f"--context {self.context} must be a multiple of --batch {self.batch}")
-        if self.context > limit:
-            raise BadArgumentError(f"--context {self.context} exceeds the model's max_position_embeddings {limit}")
-        chunk = self.attention_chunk or max(1, self.batch // 2)
-        if not 1 <= chunk <= self.batch:
-            raise BadArgumentError(f"--attention-chunk {chunk} must be between 1 and --batch {self.batch}")
+        if self.attention_chunk is not None and not 1 <= self.attention_chunk <= self.batch:
+            raise BadArgumentError(
+                f"--attention-chunk must be between 1 and --batch {self.batch}, got {self.attention_chunk}"
+            )
+        for flag, value in (("--chunk", self.chunk), ("--split-lm-head", self.split_lm_head)):
+            if value != "auto" and (not isinstance(value, int) or value < 1):
+                raise BadArgumentError(f"{flag} must be auto or a whole number >= 1, got {value}")
+        if not self.max_chunk_mb > 0:
+            raise BadArgumentError(f"--max-chunk-mb must be > 0, got {self.max_chunk_mb}")
+        if self.fp16_scale is not None and not 0 < self.fp16_scale <= 1:
+            raise BadArgumentError(f"--fp16-scale must be in (0, 1], got {self.fp16_scale}")
         if self.compile not in ("auto", "yes", "no"):
             raise BadArgumentError(f"--compile must be auto, yes or no, not '{self.compile}'")
         if self.compile == "yes" and not can_compile():
             raise UserError("--compile yes needs macOS with Xcode's coremlcompiler (xcrun); use --compile no")
-        window = programs.split_window(lm.model, self.context)
+
+    def check_model(self, model) -> None:
+        """Checks against the model's hyper-parameters (a skeleton from its config is enough)."""
+        limit = model.args.max_position_embeddings
+        if self.context > limit:
+            raise BadArgumentError(f"--context {self.context} exceeds the model's max_position_embeddings {limit}")
+        window = programs.split_window(model, self.context)
         if window is not None and window % self.batch:
             # a prefill batch must never straddle the window: batches before it use `prefill`, the
             # rest `prefill_rotate` (then window + batch <= context follows from context % batch == 0)
@@ -71,6 +86,10 @@ class ExportOptions:
                 f"needs the window to be a multiple of --batch {self.batch}; pick a --batch that divides "
                 f"{window}, or --context <= {window}"
             )
+
+    def validate(self, model) -> None:
+        self.check_flags()
+        self.check_model(model)
 
 
 @dataclass
@@ -100,28 +119,31 @@ def part_names(prefix: str, options: ExportOptions, chunks: int) -> dict[str, st
     return names
 
 
+def check_output(out: str | Path, force: bool, source: Path | None) -> OutputFolder:
+    """The export's destination, checked before any work (see ``anemll_mlx.output``)."""
+    return OutputFolder.check(out, kind="export", force=force, protect=[source])
+
+
 def can_compile() -> bool:
     return platform.system() == "Darwin" and shutil.which("xcrun") is not None
 
 
-def prepare_output(out: Path, force: bool) -> Path:
-    """Check the destination and return a fresh scratch folder beside it."""
-    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not force:
-        raise UserError(f"{out} exists and is not empty: pass --force to replace it")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    scratch = out.parent / f".{out.name}.partial-{os.getpid()}"
-    if scratch.exists():
-        shutil.rmtree(scratch)
-    scratch.mkdir()
-    return scratch
-
-
 def export_model(
-    lm: LoadedModel, out: Path, options: ExportOptions, progress: Progress | None = None, plan: ExportPlan | None = None
+    lm: LoadedModel,
+    out: Path | OutputFolder,
+    options: ExportOptions,
+    progress: Progress | None = None,
+    plan: ExportPlan | None = None,
 ) -> ExportResult:
-    """Write the export of ``lm`` to ``out``.  Applies ``options.fp16_scale`` to ``lm.model`` in place."""
+    """Write the export of ``lm`` to ``out``.  Applies ``options.fp16_scale`` to ``lm.model`` in place.
+
+    ``out`` may be a folder already checked with ``OutputFolder.check`` (the CLI checks it before
+    loading the model); a plain path is checked here.  Nothing appears under ``out`` until the
+    export is complete.
+    """
     started = time.perf_counter()
-    options.validate(lm)
+    options.validate(lm.model)
+    target = out if isinstance(out, OutputFolder) else check_output(out, options.force, lm.path)
     model = lm.model
     if options.fp16_scale is not None:
         from ..probe.scale import apply_fp16_scale
@@ -133,13 +155,17 @@ def export_model(
     )
     prefix = options.prefix or ARCH_NAMES[lm.architecture]
     names = part_names(prefix, options, len(plan.chunks))
-    scratch = prepare_output(out, options.force)
-    report = progress or (lambda part, done, total: None)
-    try:
+
+    def report(part: str, done: int, total: int) -> None:
+        interrupts.check()
+        if progress is not None:
+            progress(part, done, total)
+
+    with target.build() as scratch:
         module_names = {id(m): name for name, m in model.named_modules()}
         store = WeightStore(module_names, options.lut_ffn, options.lut_lm_head, options.lut_embed)
         ops = MILOps(options.attention_chunk or max(1, options.batch // 2), store, options.context)
-        result = ExportResult(out=out, plan=plan)
+        result = ExportResult(out=target.path, plan=plan)
 
         report("embeddings", 0, 1)
         shapes = ct.EnumeratedShapes(shapes=[(1, 1), (1, options.batch)], default=(1, options.batch))
@@ -172,13 +198,7 @@ def export_model(
             for stem in names.values():
                 compile_package(scratch / f"{stem}.mlpackage", scratch)
             result.compiled = True
-        if out.exists():
-            shutil.rmtree(out) if out.is_dir() else out.unlink()
-        scratch.rename(out)
-    except BaseException:
-        shutil.rmtree(scratch, ignore_errors=True)
-        raise
-    result.files = {stem: _size(out / f"{stem}.mlpackage") for stem in names.values()}
+    result.files = {stem: _size(target.path / f"{stem}.mlpackage") for stem in names.values()}
     result.seconds = time.perf_counter() - started
     return result
 

@@ -13,6 +13,7 @@ from pathlib import Path
 import coremltools as ct
 import numpy as np
 
+from ..errors import CorruptModelError
 from ..runtime.export_folder import read_export
 from .plan import ANE_MAX_CHANNELS, MB
 from .programs import GLOBAL_STATE, LOCAL_STATE
@@ -131,9 +132,30 @@ def _split_states(export, problems: list[str]) -> dict[str, list[int] | None] | 
     return {LOCAL_STATE: None, GLOBAL_STATE: None}
 
 
+def _read_part(path: Path, functions: bool = False) -> tuple[PartReport, object | None]:
+    """A part's report and its spec, or a report of why it cannot be read (spec None)."""
+    if not path.exists():
+        return PartReport(path.name, [], 0.0, "-", ["missing (named in meta.yaml)"]), None
+    try:
+        spec = ct.utils.load_spec(str(path))
+        names = [f.name for f in spec.description.functions] if functions else ["main"]
+        return PartReport(path.name, names, _size_mb(path), lut_summary(path)), spec
+    except Exception as e:  # coremltools raises RuntimeError, protobuf DecodeError, OSError...
+        reason = " ".join(str(e).split())[:160] or type(e).__name__
+        return PartReport(path.name, [], _size_mb(path), "-", [f"cannot be read ({reason})"]), None
+
+
 def inspect_export(folder: str | Path, budget_mb: float = 950.0) -> tuple[list[PartReport], list[str]]:
-    """Per-part reports and folder-level problems (empty lists of problems = conforms)."""
-    export = read_export(folder)
+    """Per-part reports and folder-level problems (empty lists of problems = conforms).
+
+    Everything that can be checked is checked: a missing or damaged package is one problem among
+    the others, not the end of the inspection.  Only a folder that is not an export at all (no
+    meta.yaml) raises.
+    """
+    try:
+        export = read_export(folder, must_exist=False)
+    except CorruptModelError as e:
+        return [], [str(e)]
     meta, params = export.meta, export.params
     problems = [f"meta.yaml model_info lacks '{k}'" for k in MODEL_INFO_KEYS if k not in meta["model_info"]]
     ours = export.ours
@@ -142,42 +164,47 @@ def inspect_export(folder: str | Path, budget_mb: float = 950.0) -> tuple[list[P
     split_states = _split_states(export, problems)
     parts: list[PartReport] = []
 
-    spec = ct.utils.load_spec(str(export.embeddings))
-    part = PartReport(export.embeddings.name, ["main"], _size_mb(export.embeddings), lut_summary(export.embeddings))
-    inputs = spec.description.input
-    shapes = {tuple(s.shape) for s in inputs[0].type.multiArrayType.enumeratedShapes.shapes} if inputs else set()
-    if not inputs or inputs[0].name != "input_ids" or not {(1, 1), (1, export.batch)} <= shapes:
-        part.problems.append(f"input_ids must accept (1, 1) and (1, {export.batch})")
-    if [o.name for o in spec.description.output] != ["hidden_states"]:
-        part.problems.append("output must be 'hidden_states'")
+    part, spec = _read_part(export.embeddings)
+    if spec is not None:
+        inputs = spec.description.input
+        shapes = {tuple(s.shape) for s in inputs[0].type.multiArrayType.enumeratedShapes.shapes} if inputs else set()
+        if not inputs or inputs[0].name != "input_ids" or not {(1, 1), (1, export.batch)} <= shapes:
+            part.problems.append(f"input_ids must accept (1, 1) and (1, {export.batch})")
+        if [o.name for o in spec.description.output] != ["hidden_states"]:
+            part.problems.append("output must be 'hidden_states'")
     parts.append(part)
 
     for chunk in export.chunks:
-        spec = ct.utils.load_spec(str(chunk))
-        names = [f.name for f in spec.description.functions]
-        part = PartReport(chunk.name, names, _size_mb(chunk), lut_summary(chunk))
-        part.problems = _check_chunk(spec, export.context, export.batch, hidden, state_shape, split_states)
+        part, spec = _read_part(chunk, functions=True)
+        if spec is not None:
+            part.problems = _check_chunk(spec, export.context, export.batch, hidden, state_shape, split_states)
         parts.append(part)
 
-    spec = ct.utils.load_spec(str(export.lm_head))
-    part = PartReport(export.lm_head.name, ["main"], _size_mb(export.lm_head), lut_summary(export.lm_head))
-    outputs = _arrays(spec.description.output)
-    split = int(params.get("split_lm_head", 1))
-    if export.argmax_in_model:
-        if set(outputs) != {"argmax_idx", "argmax_val"}:
-            part.problems.append(f"argmax_in_model: outputs {sorted(outputs)}, expected argmax_idx and argmax_val")
-    else:
-        expected = [f"logits{i + 1}" for i in range(split)]
-        if sorted(outputs) != sorted(expected):
-            part.problems.append(f"outputs {sorted(outputs)}, expected {expected} (split_lm_head {split})")
-        sizes = [outputs[k][0][-1] for k in expected if k in outputs and outputs[k][0]]
-        if export.head_sizes and sizes and sizes != export.head_sizes:
-            part.problems.append(f"piece sizes {sizes} differ from lm_head_chunk_sizes {export.head_sizes}")
-        if sizes and max(sizes) > ANE_MAX_CHANNELS:
-            part.problems.append(f"a piece has {max(sizes)} outputs, over the ANE's {ANE_MAX_CHANNELS}")
+    part, spec = _read_part(export.lm_head)
+    if spec is not None:
+        part.problems += _check_lm_head(spec, export, params)
     parts.append(part)
 
     for part in parts:
         if part.mb > budget_mb:
             part.problems.append(f"{part.mb:.0f} MB is over the {budget_mb:g} MB budget")
     return parts, problems
+
+
+def _check_lm_head(spec, export, params: dict) -> list[str]:
+    problems = []
+    outputs = _arrays(spec.description.output)
+    split = int(params.get("split_lm_head", 1))
+    if export.argmax_in_model:
+        if set(outputs) != {"argmax_idx", "argmax_val"}:
+            problems.append(f"argmax_in_model: outputs {sorted(outputs)}, expected argmax_idx and argmax_val")
+        return problems
+    expected = [f"logits{i + 1}" for i in range(split)]
+    if sorted(outputs) != sorted(expected):
+        problems.append(f"outputs {sorted(outputs)}, expected {expected} (split_lm_head {split})")
+    sizes = [outputs[k][0][-1] for k in expected if k in outputs and outputs[k][0]]
+    if export.head_sizes and sizes and sizes != export.head_sizes:
+        problems.append(f"piece sizes {sizes} differ from lm_head_chunk_sizes {export.head_sizes}")
+    if sizes and max(sizes) > ANE_MAX_CHANNELS:
+        problems.append(f"a piece has {max(sizes)} outputs, over the ANE's {ANE_MAX_CHANNELS}")
+    return problems

@@ -40,6 +40,13 @@ class LoadedModel:
         return self.config["model_type"]
 
     @property
+    def path(self) -> Path:
+        """The GGUF file or the folder the weights came from (a hub id's snapshot folder)."""
+        path = self.gguf_path or self.folder
+        assert path is not None
+        return path
+
+    @property
     def num_parameters(self) -> int:
         return sum(v.size for _, v in tree_flatten(self.model.parameters()))
 
@@ -70,7 +77,32 @@ def load(source: str | Path, dtype: str | mx.Dtype = "float32") -> LoadedModel:
     raise ModelNotFoundError(f"no such file or folder: {text}")
 
 
-def _load_folder(folder: Path, dtype: mx.Dtype, source: str) -> LoadedModel:
+def read_config(source: str | Path) -> tuple[dict, Path]:
+    """The text config of a model and the file or folder it lives in, without reading any weights.
+
+    Enough to check flags against the model and to plan an export before loading gigabytes; an
+    unsupported architecture fails here too.  A hub id fetches config.json alone.
+    """
+    text = str(source)
+    path = Path(text).expanduser()
+    if path.is_file() and path.suffix.lower() == ".gguf":
+        from .gguf import hf_config, read_header
+
+        config = hf_config(path, read_header(path))
+    elif path.is_dir():
+        config = _folder_config(path)
+    elif path.exists():
+        raise ModelNotFoundError(f"{path} is neither a model folder nor a .gguf file")
+    elif hub.looks_like_hub_id(text):
+        path = hub.download_config(text)
+        config = _folder_config(path)
+    else:
+        raise ModelNotFoundError(f"no such file or folder: {text}")
+    build_model(config)  # an unsupported architecture or a config missing keys fails here
+    return config, path
+
+
+def _folder_config(folder: Path) -> dict:
     config_path = folder / "config.json"
     if not config_path.exists():
         raise ModelNotFoundError(f"{folder} has no config.json: not a Hugging Face model folder")
@@ -78,7 +110,13 @@ def _load_folder(folder: Path, dtype: mx.Dtype, source: str) -> LoadedModel:
         config = json.loads(config_path.read_text())
     except ValueError as e:
         raise CorruptModelError(f"{config_path} is not valid JSON ({e})") from None
-    config = text_config(config)
+    if not isinstance(config, dict):
+        raise CorruptModelError(f"{config_path} is not a JSON object")
+    return text_config(config)
+
+
+def _load_folder(folder: Path, dtype: mx.Dtype, source: str) -> LoadedModel:
+    config = _folder_config(folder)
     build_model(config)  # fail on an unsupported architecture before reading gigabytes
     weights = load_safetensors(folder)
     model = _assemble(config, weights, dtype)
@@ -151,4 +189,4 @@ def _short(error: Exception) -> str:
     return text if len(text) < 300 else text[:300] + "..."
 
 
-__all__ = ["LoadedModel", "load", "parse_dtype", "DTYPES", "BadArgumentError"]
+__all__ = ["LoadedModel", "load", "read_config", "parse_dtype", "DTYPES", "BadArgumentError"]

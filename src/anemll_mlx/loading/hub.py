@@ -18,11 +18,20 @@ def looks_like_hub_id(source: str) -> bool:
 
 def download(repo_id: str) -> Path:
     """The local snapshot folder of ``repo_id``; honours HF_HUB_OFFLINE through huggingface_hub."""
+    return _fetch(repo_id, ALLOW_PATTERNS)
+
+
+def download_config(repo_id: str) -> Path:
+    """A snapshot folder of ``repo_id`` holding config.json only (to plan or check flags)."""
+    return _fetch(repo_id, ["config.json"])
+
+
+def _fetch(repo_id: str, patterns: list[str]) -> Path:
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
 
     try:
-        return Path(snapshot_download(repo_id, allow_patterns=ALLOW_PATTERNS))
+        return Path(snapshot_download(repo_id, allow_patterns=patterns))
     except LocalEntryNotFoundError:
         reason = "the hub cannot be reached and nothing is cached"
     except (HfHubHTTPError, OSError, ValueError) as e:

@@ -23,6 +23,7 @@ from typing import Any
 import mlx.core as mx
 import numpy as np
 
+from .. import interrupts
 from ..models.base import Linear
 from ..ops.mlx_ops import MLXOps
 
@@ -125,7 +126,11 @@ class ProbeOps(MLXOps):
         self._pending.append((layer, site, mx.max(mx.abs(wide))))
 
     def flush(self) -> None:
-        """Evaluate the pending records into ``peaks`` and ``first_nonfinite``; call after a forward."""
+        """Evaluate the pending records into ``peaks`` and ``first_nonfinite``; call after a forward.
+
+        Runs once per layer, so it is also where a Ctrl-C that MLX swallowed is raised again.
+        """
+        interrupts.check()
         if not self._pending:
             return
         mx.eval([peak for _, _, peak in self._pending])

@@ -22,6 +22,7 @@ import mlx.core as mx
 import numpy as np
 from mlx.utils import tree_map
 
+from .. import interrupts
 from ..errors import BadArgumentError
 from ..loading import LoadedModel
 from ..models.base import DecoderModel, Norm
@@ -205,6 +206,7 @@ def _forward(model: DecoderModel, ids: list[int], cache, start: int, ops: MLXOps
     (a large vocabulary times up to CHUNK rows) alive at a time.
     """
     for offset in range(0, len(ids), CHUNK):
+        interrupts.check()
         logits = model(mx.array(ids[offset : offset + CHUNK])[None], cache, start + offset, ops=ops)[0]
         mx.eval(logits)
         yield logits
@@ -312,6 +314,7 @@ class _Meter:
 
     def each(self, items: list, stage: str) -> Iterator:
         for item in items:
+            interrupts.check()
             yield item
             self.done += 1
             if self.progress is not None:

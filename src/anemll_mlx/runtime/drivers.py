@@ -11,24 +11,70 @@ All share one interface (runtime.base.Driver): reset, prefill -> logits after th
 
 from __future__ import annotations
 
+import math
 import platform
 import re
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import mlx.core as mx
 import numpy as np
 
 from ..errors import BadArgumentError, UnsupportedError
+from ..quant.lut import LUTSpec, parse_lut_spec
 from .export_folder import read_export
 from .export_host import ExportHost
 
 MLX_DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
-SPEC = re.compile(r"^(?P<kind>mlx|mil|coreml):(?P<target>.+)$")
-MLX_TARGET = re.compile(
-    r"^(?P<model>.+?)(?:@(?P<dtype>fp32|fp16|bf16))?(?:\+scale=(?P<scale>[0-9.eE+-]+))?(?:\+lut=(?P<lut>[0-9a-z,]+))?$"
-)
+SPEC_FORMS = "mlx:MODEL[@fp32|fp16|bf16][+scale=A][+lut=SPEC], mil:DIR or coreml:DIR"
+KINDS = ("mlx", "mil", "coreml")
 MLX_CONTEXT = 2048
+
+
+@dataclass(frozen=True)
+class DriverSpec:
+    """A parsed driver spec: checked in full before anything is loaded."""
+
+    text: str
+    kind: str  # mlx | mil | coreml
+    target: str  # the model (mlx) or the export folder
+    dtype: str = "fp32"
+    scale: float | None = None
+    lut: LUTSpec | None = None
+
+
+def parse_spec(spec: str) -> DriverSpec:
+    """Read ``kind:target`` with the mlx options; every mistake is one BadArgumentError line."""
+    kind, sep, target = spec.partition(":")
+    if not sep or kind not in KINDS or not target:
+        raise BadArgumentError(f"bad driver spec '{spec}' (use {SPEC_FORMS})")
+    if kind != "mlx":
+        return DriverSpec(spec, kind, target)
+    options: dict[str, str] = {}
+    while not Path(target).expanduser().exists() and (m := re.search(r"\+([a-z]+)=([^+]*)$", target)):
+        if m[1] not in ("scale", "lut") or m[1] in options:
+            raise BadArgumentError(f"bad option '+{m[1]}=' in driver spec '{spec}' (use {SPEC_FORMS})")
+        options[m[1]] = m[2]
+        target = target[: m.start()]
+    dtype = "fp32"
+    head, at, tail = target.rpartition("@")
+    if at and "/" not in tail and not Path(target).expanduser().exists():
+        if tail not in MLX_DTYPES:
+            raise BadArgumentError(f"unknown dtype '{tail}' in driver spec '{spec}' (choose fp32, fp16 or bf16)")
+        target, dtype = head, tail
+    if not target:
+        raise BadArgumentError(f"driver spec '{spec}' names no model")
+    scale = None
+    if "scale" in options:
+        try:
+            scale = float(options["scale"])
+        except ValueError:
+            scale = math.nan
+        if not (math.isfinite(scale) and scale > 0):
+            raise BadArgumentError(f"bad scale '{options['scale']}' in driver spec '{spec}': a number > 0")
+    lut = parse_lut_spec(options["lut"]) if "lut" in options else None
+    return DriverSpec(spec, kind, target, dtype, scale, lut)
 
 
 class MLXDriver:
@@ -118,36 +164,22 @@ class CoreMLRunner:
         self.state = None
 
 
-def open_driver(spec: str, context: int | None = None):
-    """A driver from its command-line spec; bad specs raise BadArgumentError naming the forms."""
-    m = SPEC.match(spec)
-    if not m:
-        raise BadArgumentError(
-            f"bad driver spec '{spec}' (use mlx:MODEL[@fp32|fp16|bf16][+scale=A][+lut=SPEC], mil:DIR or coreml:DIR)"
-        )
-    kind, target = m["kind"], m["target"]
-    if kind == "mlx":
-        t = MLX_TARGET.match(target)
-        if not t:
-            raise BadArgumentError(f"bad mlx driver spec '{spec}'")
+def open_driver(spec: str | DriverSpec, context: int | None = None):
+    """A driver from its spec; bad specs raise BadArgumentError naming the forms."""
+    spec = parse_spec(spec) if isinstance(spec, str) else spec
+    if spec.kind == "mlx":
         from ..loading import load
 
-        lm = load(t["model"], MLX_DTYPES[t["dtype"] or "fp32"])
-        if t["scale"]:
+        lm = load(spec.target, MLX_DTYPES[spec.dtype])
+        if spec.scale is not None:
             from ..probe.scale import apply_fp16_scale
 
-            try:
-                alpha = float(t["scale"])
-            except ValueError:
-                raise BadArgumentError(f"bad scale in driver spec '{spec}'") from None
-            apply_fp16_scale(lm.model, alpha)
-        if t["lut"]:
-            from ..quant.lut import apply_lut, parse_lut_spec
+            apply_fp16_scale(lm.model, spec.scale)
+        if spec.lut is not None:
+            from ..quant.lut import apply_lut
 
-            lut = parse_lut_spec(t["lut"])
-            if lut is not None:
-                apply_lut(lm.model, lut)
-        return MLXDriver(lm, spec, context)
-    export = read_export(Path(target), prefer_compiled=kind == "coreml")
-    runner = MILRunner() if kind == "mil" else CoreMLRunner()
-    return ExportHost(export, runner, spec)
+            apply_lut(lm.model, spec.lut)
+        return MLXDriver(lm, spec.text, context)
+    export = read_export(Path(spec.target), prefer_compiled=spec.kind == "coreml")
+    runner = MILRunner() if spec.kind == "mil" else CoreMLRunner()
+    return ExportHost(export, runner, spec.text)

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import yaml
 
-from ..errors import CorruptModelError, ModelNotFoundError
+from ..errors import BadArgumentError, CorruptModelError, ModelNotFoundError
 
 REQUIRED = ("context_length", "batch_size", "num_chunks", "model_prefix", "embeddings", "lm_head", "ffn")
 
@@ -34,13 +34,19 @@ class ExportFolder:
         return self.meta.get("anemll_mlx") or {}
 
 
-def _program(folder: Path, stem: str, prefer_compiled: bool) -> Path:
-    """The .mlmodelc (when preferred and present) or .mlpackage for a file stem from meta.yaml."""
+def _program(folder: Path, stem: str, prefer_compiled: bool, must_exist: bool) -> Path:
+    """The .mlmodelc (when preferred and present) or .mlpackage for a file stem from meta.yaml.
+
+    Without ``must_exist`` a missing program comes back as its .mlpackage path, for ``inspect``
+    to report along with everything else.
+    """
     stem = stem.removesuffix(".mlmodelc").removesuffix(".mlpackage")
     order = (".mlmodelc", ".mlpackage") if prefer_compiled else (".mlpackage", ".mlmodelc")
     for suffix in order:
         if (folder / f"{stem}{suffix}").exists():
             return folder / f"{stem}{suffix}"
+    if not must_exist:
+        return folder / f"{stem}.mlpackage"
     raise CorruptModelError(f"{folder} lacks {stem}.mlpackage (named in meta.yaml)")
 
 
@@ -52,9 +58,12 @@ def chunk_stem(first: str, index: int, total: int) -> str:
     return first.replace(marker, f"_chunk_{index + 1:02d}of{total:02d}")
 
 
-def read_export(folder: str | Path, prefer_compiled: bool = False) -> ExportFolder:
+def read_export(folder: str | Path, prefer_compiled: bool = False, must_exist: bool = True) -> ExportFolder:
+    """The export in ``folder``; ``must_exist=False`` tolerates missing programs (for ``inspect``)."""
     path = Path(folder)
     meta_path = path / "meta.yaml"
+    if path.is_file():
+        raise BadArgumentError(f"{path} is a file, not an export folder (the folder export --out wrote)")
     if not path.is_dir():
         raise ModelNotFoundError(f"no such export folder: {path}")
     if not meta_path.exists():
@@ -77,9 +86,12 @@ def read_export(folder: str | Path, prefer_compiled: bool = False) -> ExportFold
         meta=meta,
         context=context,
         batch=batch,
-        embeddings=_program(path, str(params["embeddings"]), prefer_compiled),
-        lm_head=_program(path, str(params["lm_head"]), prefer_compiled),
-        chunks=[_program(path, chunk_stem(str(params["ffn"]), i, chunks), prefer_compiled) for i in range(chunks)],
+        embeddings=_program(path, str(params["embeddings"]), prefer_compiled, must_exist),
+        lm_head=_program(path, str(params["lm_head"]), prefer_compiled, must_exist),
+        chunks=[
+            _program(path, chunk_stem(str(params["ffn"]), i, chunks), prefer_compiled, must_exist)
+            for i in range(chunks)
+        ],
         head_sizes=[int(s) for s in sizes] if sizes else None,
         argmax_in_model=bool(params.get("argmax_in_model", False)),
     )
