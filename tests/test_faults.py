@@ -321,3 +321,18 @@ def test_force_replaces_only_what_anemll_mlx_wrote(world, tmp_path):
     umask = os.umask(0)
     os.umask(umask)
     assert (target / "summary.json").stat().st_mode & 0o777 == 0o666 & ~umask
+
+
+@pytest.mark.slow
+def test_inspect_reports_a_damaged_package_with_the_rest(world, tmp_path):
+    damaged = tmp_path / "damaged"
+    shutil.copytree(world["export"], damaged)
+    (damaged / "llama_lm_head.mlpackage" / "Data" / "com.apple.CoreML" / "model.mlmodel").unlink()
+    shutil.rmtree(damaged / "llama_embeddings.mlpackage")
+    done = run("inspect", damaged)
+    assert done.returncode == 1, done.stderr
+    assert "Traceback" not in done.stderr and done.stderr == ""
+    problems = [line for line in done.stdout.splitlines() if line.startswith("problem: ")]
+    assert any("llama_embeddings.mlpackage: missing" in p for p in problems), done.stdout
+    assert any("llama_lm_head.mlpackage: cannot be read" in p for p in problems), done.stdout
+    assert "llama_FFN_PF_chunk_01of01.mlpackage" in done.stdout and len(problems) == 2
