@@ -104,12 +104,9 @@ YR = np.round(RNG.standard_normal((3, 4))).astype(np.float32)
 B1 = RNG.random((2, 3, 4)) > 0.5
 B2 = RNG.random((3, 4)) > 0.5
 
-BINARY = ["add", "sub", "mul", "real_div", "maximum", "minimum", "floor_div", "mod"]
+BINARY = ["add", "sub", "mul", "real_div", "maximum", "minimum"]
 COMPARE = ["equal", "not_equal", "greater", "greater_equal", "less", "less_equal"]
-UNARY = [
-    "exp", "tanh", "erf", "sigmoid", "relu", "abs", "square", "sign", "floor", "ceil", "round",
-    "sin", "cos", "atan", "softplus", "softsign", "relu6",
-]  # fmt: skip
+UNARY = ["exp", "tanh", "erf", "sigmoid", "abs", "square", "sin", "cos"]
 POSITIVE_UNARY = ["sqrt", "rsqrt", "log", "inverse"]
 
 
@@ -124,7 +121,7 @@ CASES = [
     *[_case(n, lambda x, y, n=n: getattr(mb, n)(x=x, y=y), x=XR, y=YR) for n in COMPARE],
     *[
         _case(n, lambda x, y, n=n: getattr(mb, n)(x=x, y=y), x=B1, y=B2)
-        for n in ["logical_and", "logical_or", "logical_xor"]
+        for n in ["logical_and", "logical_or"]
     ],
     _case("logical_not", lambda x: mb.logical_not(x=x), x=B1),
     *[_case(n, lambda x, n=n: getattr(mb, n)(x=x), x=X) for n in UNARY],
@@ -136,13 +133,6 @@ CASES = [
         for m in ["EXACT", "TANH_APPROXIMATION", "SIGMOID_APPROXIMATION"]
     ],  # fmt: skip
     _case("clip", lambda x: mb.clip(x=x, alpha=-0.5, beta=0.5), x=X),
-    _case("threshold", lambda x: mb.threshold(x=x, alpha=0.1), x=X),
-    _case("leaky_relu", lambda x: mb.leaky_relu(x=x, alpha=0.2), x=X),
-    _case("elu", lambda x: mb.elu(x=x, alpha=0.7), x=X),
-    _case("linear_activation", lambda x: mb.linear_activation(x=x, alpha=1.5, beta=-0.25), x=X),
-    _case("scaled_tanh", lambda x: mb.scaled_tanh(x=x, alpha=1.5, beta=0.5), x=X),
-    _case("sigmoid_hard", lambda x: mb.sigmoid_hard(x=x, alpha=0.3, beta=0.4), x=X),
-    _case("clamped_relu", lambda x: mb.clamped_relu(x=x, alpha=0.3, beta=0.8), x=X),
     *[
         _case(f"{n}-{i}", lambda x, n=n, kw=kw: getattr(mb, n)(x=x, **kw), x=X)
         for n in [
@@ -150,11 +140,7 @@ CASES = [
             "reduce_mean",
             "reduce_max",
             "reduce_min",
-            "reduce_prod",
-            "reduce_l2_norm",
-            "reduce_l1_norm",
             "reduce_sum_square",
-            "reduce_log_sum_exp",
         ]
         for i, kw in enumerate([{"axes": [1]}, {"axes": [-1, 0], "keep_dims": True}, {}])
     ],  # fmt: skip
@@ -171,7 +157,6 @@ CASES = [
         x=X,
     ),
     _case("layer_norm-2axes", lambda x: mb.layer_norm(x=x, axes=[-2, -1], epsilon=1e-3), x=X),
-    _case("l2_norm", lambda x: mb.l2_norm(x=x), x=f32(2, 3, 4, 5)),
     _case("reshape", lambda x: mb.reshape(x=x, shape=[4, -1]), x=X),
     _case("reshape-zero", lambda x: mb.reshape(x=x, shape=[1, 0, -1, 0]), x=X),
     _case("transpose", lambda x: mb.transpose(x=x, perm=[2, 0, 1]), x=X),
@@ -179,7 +164,6 @@ CASES = [
     _case("squeeze", lambda x: mb.squeeze(x=x, axes=[1]), x=f32(2, 1, 3)),
     _case("squeeze-all", lambda x: mb.squeeze(x=x), x=f32(1, 3, 1)),
     _case("concat", lambda x, y: mb.concat(values=[x, y, x], axis=1), x=f32(2, 3, 4), y=f32(2, 1, 4)),
-    _case("stack", lambda x, y: mb.stack(values=[x, y], axis=1), x=X, y=X + 1),
     _case("split-num", lambda x: mb.split(x=x, num_splits=2, axis=1), x=f32(2, 4, 3)),
     _case("split-sizes", lambda x: mb.split(x=x, split_sizes=[1, 3], axis=-2), x=f32(2, 4, 3)),
     _case(
@@ -251,26 +235,12 @@ CASES = [
         x=X,
         i=RNG.integers(0, 3, (2, 5, 4)).astype(np.int32),
     ),
-    _case("tile", lambda x: mb.tile(x=x, reps=[2, 1, 3]), x=X),
-    _case("pad-constant", lambda x: mb.pad(x=x, pad=[1, 2, 0, 1], constant_val=0.5), x=X),
-    _case("pad-reflect", lambda x: mb.pad(x=x, pad=[1, 2, 2, 1], mode="reflect"), x=X),
-    _case("pad-replicate", lambda x: mb.pad(x=x, pad=[0, 0, 1, 2, 2, 1], mode="replicate"), x=X),
     _case("select", lambda c, a, b: mb.select(cond=c, a=a, b=b), c=B2, a=X, b=Y),
-    _case("band_part", lambda x: mb.band_part(x=x, lower=1, upper=0), x=f32(2, 5, 5)),
-    _case("band_part-upper", lambda x: mb.band_part(x=x, lower=-1, upper=2), x=f32(2, 4, 6)),
     _case("cast-int32", lambda x: mb.cast(x=x, dtype="int32"), x=X * 4),
     _case("cast-fp16", lambda x: mb.cast(x=x, dtype="fp16"), x=X),
     _case("cast-bool", lambda x: mb.cast(x=x, dtype="bool"), x=XR),
-    _case("fill_like", lambda x: mb.fill_like(ref_tensor=x, value=2.5), x=X),
     _case("topk", lambda x: mb.topk(x=x, k=2, axis=-1), x=X),
     _case("topk-ascending", lambda x: mb.topk(x=x, k=3, axis=1, ascending=True), x=f32(2, 5, 3)),
-    _case("argsort", lambda x: mb.argsort(x=x, axis=-1), x=X),
-    _case(
-        "einsum",
-        lambda a, b: mb.einsum(values=(a, b), equation="nchw,nwhu->nchu"),
-        a=f32(2, 3, 4, 5),
-        b=f32(2, 5, 4, 6),
-    ),
     _case("linear", lambda x, w=f32(6, 4), b=f32(6): mb.linear(x=x, weight=w, bias=b), x=X),
     _case("matmul", lambda x, y: mb.matmul(x=x, y=y), x=f32(2, 3, 4), y=f32(4, 5)),
     _case(
@@ -348,52 +318,11 @@ def np_conv(x, w, b=None, strides=None, pads=None, dilations=None, groups=1):
 
 
 W1x1 = f32(6, 4, 1, 1)
-W1x1G = f32(6, 2, 1, 1)
 W33 = f32(6, 2, 3, 3)
-W1D = f32(4, 4, 3)
 BIAS6 = f32(6)
 
 
-def np_channel_norm(x, mean, var, gamma, beta, eps):
-    shape = (1, -1) + (1,) * (x.ndim - 2)
-    return (x - mean.reshape(shape)) / np.sqrt(var.reshape(shape) + eps) * gamma.reshape(
-        shape
-    ) + beta.reshape(shape)
-
-
-C4 = [f32(4), f32(4, positive=True), f32(4), f32(4)]
-X4 = f32(2, 4, 3, 5)
-
 NUMPY_CASES = [
-    pytest.param(
-        lambda x: mb.batch_norm(x=x, mean=C4[0], variance=C4[1], gamma=C4[2], beta=C4[3], epsilon=1e-3),
-        {"x": X4},
-        lambda x: np_channel_norm(x, C4[0], C4[1], C4[2], C4[3], 1e-3),
-        id="batch_norm",
-    ),
-    pytest.param(
-        lambda x: mb.instance_norm(x=x, gamma=C4[2], beta=C4[3], epsilon=1e-3),
-        {"x": X4},
-        lambda x: (
-            (x - x.mean((2, 3), keepdims=True))
-            / np.sqrt(x.var((2, 3), keepdims=True) + 1e-3)
-            * C4[2].reshape(1, -1, 1, 1)
-            + C4[3].reshape(1, -1, 1, 1)
-        ),
-        id="instance_norm",
-    ),
-    pytest.param(
-        lambda x: mb.prelu(x=x, alpha=C4[1]),
-        {"x": X4},
-        lambda x: np.where(x < 0, x * C4[1].reshape(1, -1, 1, 1), x),
-        id="prelu",
-    ),
-    pytest.param(
-        lambda x: mb.dequantize(input=x, scale=np.float32(0.5), zero_point=np.int8(3)),
-        {"x": RNG.integers(-20, 20, (2, 3)).astype(np.int8)},
-        lambda x: (x.astype(np.float32) - 3) * 0.5,
-        id="dequantize",
-    ),
     pytest.param(  # coremltools' value_inference ignores interleave; this is the documented layout
         lambda x, y: mb.concat(values=[x, y], axis=1, interleave=True),
         {"x": X, "y": X + 1},
@@ -401,13 +330,6 @@ NUMPY_CASES = [
         id="concat-interleave",
     ),
     pytest.param(lambda x: mb.silu(x=x), {"x": X}, lambda x: x / (1 + np.exp(-x)), id="silu"),
-    pytest.param(lambda x: mb.cumsum(x=x, axis=1), {"x": X}, lambda x: np.cumsum(x, axis=1), id="cumsum"),
-    pytest.param(
-        lambda x: mb.cumsum(x=x, axis=-1, exclusive=True, reverse=True),
-        {"x": X},
-        lambda x: np.flip(np.cumsum(np.flip(x, -1), -1) - np.flip(x, -1), -1),
-        id="cumsum-exclusive-reverse",
-    ),
     pytest.param(
         lambda x: mb.conv(x=x, weight=W1x1, bias=BIAS6),
         {"x": f32(2, 4, 1, 5)},
@@ -415,32 +337,11 @@ NUMPY_CASES = [
         id="conv-1x1",
     ),  # fmt: skip
     pytest.param(
-        lambda x: mb.conv(x=x, weight=W1x1G, groups=2),
-        {"x": f32(1, 4, 1, 3)},
-        lambda x: np_conv(x, W1x1G, groups=2),
-        id="conv-1x1-groups",
+        lambda x: mb.conv(x=x, weight=W1x1[:, :, 0], bias=BIAS6),
+        {"x": f32(2, 4, 5)},
+        lambda x: np_conv(x, W1x1[:, :, 0], BIAS6),
+        id="conv1d-1x1",
     ),  # fmt: skip
-    pytest.param(
-        lambda x: mb.conv(
-            x=x, weight=W33, bias=BIAS6, strides=[2, 1], pad_type="custom", pad=[1, 0, 2, 1], groups=2
-        ),
-        {"x": f32(1, 4, 7, 6)},
-        lambda x: np_conv(x, W33, BIAS6, strides=[2, 1], pads=[(1, 0), (2, 1)], groups=2),
-        id="conv-3x3-custom",
-    ),
-    pytest.param(
-        lambda x: mb.conv(x=x, weight=W33[:, :, :, :2], strides=[2, 3], pad_type="same", groups=2),
-        {"x": f32(1, 4, 7, 8)},
-        # total padding: H: 2*4-7+3-2=2 -> (1,1); W: 3*3-8+2-3=0
-        lambda x: np_conv(x, W33[:, :, :, :2], strides=[2, 3], pads=[(1, 1), (0, 0)], groups=2),
-        id="conv-same",
-    ),
-    pytest.param(
-        lambda x: mb.conv(x=x, weight=W1D, dilations=[2], pad_type="same_lower"),
-        {"x": f32(1, 4, 9)},
-        lambda x: np_conv(x, W1D, dilations=[2], pads=[(2, 2)]),
-        id="conv1d-dilated",
-    ),
 ]
 
 
@@ -480,24 +381,19 @@ def test_dynamic_slices_follow_a_runtime_position():
         np.testing.assert_array_equal(sized, x[:1, pos : pos + 2])
 
 
-def test_ops_with_runtime_shapes():
-    def make(x, b, e, shape, n):
-        window = mb.slice_by_index(x=x, begin=b, end=e)
-        filled = mb.fill(shape=shape, value=1.5)
-        ramp = mb.range_1d(start=0, end=mb.squeeze(x=n), step=2)
-        return window, filled, ramp
+def test_slice_with_runtime_bounds():
+    def make(x, b, e):
+        return mb.slice_by_index(x=x, begin=b, end=e)
 
-    inputs = {
-        "x": f32(4, 6),
-        "b": np.array([1, 2], np.int32),
-        "e": np.array([3, 6], np.int32),
-        "shape": np.array([2, 3], np.int32),
-        "n": np.array([7], np.int32),
-    }
-    window, filled, ramp = execute(make, inputs)
+    inputs = {"x": f32(4, 6), "b": np.array([1, 2], np.int32), "e": np.array([3, 6], np.int32)}
+    (window,) = execute(make, inputs)
     np.testing.assert_array_equal(window, inputs["x"][1:3, 2:6])
-    np.testing.assert_array_equal(filled, np.full((2, 3), 1.5, np.float32))
-    np.testing.assert_array_equal(ramp, np.arange(0, 7, 2))
+
+
+def test_ops_no_export_emits_are_refused_by_name():
+    """A general convolution is not an LLM op: a clear error, not a silent slow path."""
+    with pytest.raises(UnsupportedError, match=r"op conv .*only 1x1 convolutions"):
+        execute(lambda x: mb.conv(x=x, weight=W33, groups=2), {"x": f32(1, 4, 7, 6)})
 
 
 # ------------------------------------------------------------------------------------------------
@@ -743,7 +639,7 @@ def test_unreadable_package_is_corrupt(tmp_path: Path):
 
 
 def test_bad_inputs_are_reported():
-    ex = MILExecutor.from_program(build_program(lambda x: mb.relu(x=x), {"x": f32(2, 3)}))
+    ex = MILExecutor.from_program(build_program(lambda x: mb.silu(x=x), {"x": f32(2, 3)}))
     with pytest.raises(BadArgumentError, match="missing inputs"):
         ex.run("main", {})
     with pytest.raises(BadArgumentError, match="shape"):

@@ -11,7 +11,7 @@ Numeric model
 -------------
 * Every op's output is rounded to the op's declared dtype (fp16: round to nearest even, ``inf``
   on overflow), one rounding per op.  The executor casts after every op.
-* Inside one op, arithmetic is at least fp32: matmul, linear, einsum and convolutions accumulate in
+* Inside one op, arithmetic is at least fp32: matmul, linear and 1x1 convolutions accumulate in
   fp32 (fp16 operands widen exactly; bias is added before the single rounding), and reductions,
   softmax, layer_norm, transcendental functions (exp, rsqrt, erf, silu, gelu, ...) and
   scaled_dot_product_attention are computed in fp32 and rounded once.  Plain fp16 add/sub/mul/div
@@ -30,7 +30,7 @@ so an executor bug or a malformed program fails at the op that caused it, not do
 Speed: each function is compiled at load into a flat list of closures over ``mx.array`` values
 (no graph walking or attribute parsing per call), each slot released after its last reader.
 Weight products (linear, 1x1 conv, matmul) run on numpy's BLAS in fp32 (see
-``mil_ops.host_matmul``: the Linux MLX CPU wheel's reference BLAS is 30-50x slower), and KV-cache
+``kernels.host_matmul``: the Linux MLX CPU wheel's reference BLAS is 30-50x slower), and KV-cache
 writes reuse the state's buffer in place (``MILExecutor.run``), so a 135M-parameter decode step
 is dominated by real arithmetic, not copies.
 """
@@ -47,7 +47,7 @@ import numpy as np
 from coremltools.converters.mil.mil import Function, Operation, Var, types
 
 from anemll_mlx.errors import BadArgumentError, CorruptModelError, UnsupportedError
-from anemll_mlx.runtime.mil_ops import (
+from anemll_mlx.runtime.kernels import (
     BuildContext,
     ConstPool,
     Kernel,
@@ -347,11 +347,11 @@ def _execute(prog: _Program, args: list[Array], store: dict[str, Array]) -> list
             result = step.fn(*[env[i] for i in step.args])
             if len(step.outs) == 1:
                 result = (result,)
-            for slot, value, dtype, shape in zip(step.outs, result, step.dtypes, step.shapes):
+            for slot, value, dtype, declared in zip(step.outs, result, step.dtypes, step.shapes):
                 if value.dtype != dtype:
                     value = value.astype(dtype)
-                if not _shape_matches(tuple(value.shape), shape):
-                    raise RuntimeError(f"produced shape {tuple(value.shape)}, declared {shape}")
+                if not _shape_matches(tuple(value.shape), declared):
+                    raise RuntimeError(f"produced shape {tuple(value.shape)}, declared {declared}")
                 env[slot] = value
             del result
             for slot in step.frees:
