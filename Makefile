@@ -66,8 +66,10 @@ bench: $(STAMP) $(SMOLLM2_GGUF)
 	ANEMLL_MLX_SMOLLM2_GGUF=$(SMOLLM2_GGUF) $(PY) bench/export.py
 	ANEMLL_MLX_SMOLLM2_GGUF=$(SMOLLM2_GGUF) $(PY) bench/executor.py
 
+# ruff on everything; mypy holds the package (the model files included) to the op vocabulary's types
 lint: $(STAMP)
 	$(VENV)/bin/ruff check src tests bench
+	$(VENV)/bin/mypy
 
 clean:
 	rm -rf $(VENV) out build *.egg-info src/*.egg-info

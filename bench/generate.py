@@ -20,6 +20,7 @@ from rich.table import Table
 
 from anemll_mlx.generate import generate_tokens
 from anemll_mlx.loading import load
+from anemll_mlx.runtime.drivers import MLXDriver
 from common import median, mlx_lm_peer, smollm2_gguf
 
 
@@ -53,7 +54,7 @@ def main() -> None:
         prompt = rng.integers(100, lm.model.args.vocab_size, size=context - opts.decode).tolist()
         ours, theirs = {"prefill": [], "decode": []}, {"prefill": [], "decode": []}
         for _ in range(opts.repeats + 1):  # the first round warms up both and is dropped
-            t_first, tps = timed(generate_tokens(lm, prompt, opts.decode))
+            t_first, tps = timed(generate_tokens(MLXDriver(lm, "mlx"), prompt, opts.decode))
             ours["prefill"].append(len(prompt) / t_first)
             ours["decode"].append(tps)
             t_first, tps = timed(generate_step(mx.array(prompt), peer, max_tokens=opts.decode, sampler=greedy))

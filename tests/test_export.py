@@ -26,10 +26,10 @@ from typer.testing import CliRunner
 from anemll_mlx.errors import UserError
 from anemll_mlx.eval.compare import compare
 from anemll_mlx.eval.prompts import default_prompts
-from anemll_mlx.export import ExportOptions, export_model, part_names
+from anemll_mlx.export import ExportOptions, export_model, part_files
 from anemll_mlx.export.conformance import inspect_export
 from anemll_mlx.loading import load
-from anemll_mlx.quant.lut import parse_lut_spec
+from anemll_mlx.quant.lut import LUTConfig, parse_lut_spec
 from anemll_mlx.runtime.drivers import MLXDriver, open_driver
 from anemll_mlx.runtime.mil_executor import MILExecutor
 from tiny_models import scale_weights
@@ -102,7 +102,7 @@ class ExportCache:
     def family(self, name: str, lut: str | None = None) -> Path:
         extra = dict(FAMILY_OPTIONS.get(name, {}))
         if lut:
-            extra["lut_ffn"] = parse_lut_spec(lut)
+            extra["lut"] = LUTConfig(ffn=parse_lut_spec(lut))
         return self.export(name, **extra)
 
 
@@ -378,7 +378,7 @@ def test_meta_yaml_names_and_tokenizer_files(cache):
         ["llama_embeddings.mlpackage", "llama_lm_head.mlpackage"]
         + [f"llama_FFN_PF_chunk_0{i}of02.mlpackage" for i in (1, 2)]
     )
-    assert set(part_names("llama", options(), 2).values()) == {n.removesuffix(".mlpackage") for n in packages}
+    assert set(part_files("llama", options(), 2).all()) == {n.removesuffix(".mlpackage") for n in packages}
     for name in ("tokenizer.json", "tokenizer_config.json", "generation_config.json"):
         assert (out / name).read_bytes() == (folder / name).read_bytes()
     assert (out / "config.json").exists()

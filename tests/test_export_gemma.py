@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 import yaml
 
+from anemll_mlx import format as fmt
 from anemll_mlx.errors import UserError
 from anemll_mlx.eval.prompts import default_prompts
 from anemll_mlx.export import ExportOptions, export_model, programs
@@ -186,18 +187,19 @@ def test_inspect_flags_split_exports_that_do_not_conform(exports, tmp_path):
 def test_split_cache_only_past_the_window(folder):
     model = load(folder, "float32").model
     assert programs.split_window(model, WINDOW) is None
-    assert programs.kv_state_shapes(model, WINDOW) == {programs.STATE_NAME: (14, 1, WINDOW, 16)}
-    assert [k[0] for k in programs.function_kinds(model, WINDOW, BATCH)] == ["infer", "prefill"]
+    shapes = {s.name: s.shape for s in programs.kv_states(model, WINDOW)}
+    assert shapes == {"model.model.kv_cache_0": (14, 1, WINDOW, 16)}
+    assert [f.name for f in programs.chunk_functions(model, WINDOW, BATCH)] == ["infer", "prefill"]
     assert programs.split_window(model, CONTEXT) == WINDOW
-    assert programs.kv_state_shapes(model, CONTEXT) == {
+    assert {s.name: s.shape for s in programs.kv_states(model, CONTEXT)} == {
         "kv_cache_local": tuple(LOCAL_SHAPE),
         "kv_cache_global": tuple(GLOBAL_SHAPE),
     }
-    assert [k[0] for k in programs.function_kinds(model, CONTEXT, BATCH)] == FUNCTIONS
+    assert [f.name for f in programs.chunk_functions(model, CONTEXT, BATCH)] == FUNCTIONS
 
 
 def test_band_mask_sees_the_last_window_positions():
-    mask = programs.band_mask(WINDOW, 3)[0, 0]
+    mask = fmt.band_mask(WINDOW, 3)[0, 0]
     assert mask.shape == (3, WINDOW + 3)
     # query t (position current_pos + t) sees keys current_pos - W + t + 1 ... current_pos + t
     for t in range(3):

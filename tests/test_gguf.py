@@ -715,8 +715,9 @@ def test_smollm2_answers_paris() -> None:
     """End to end through the project's loader and model: wrong q/k layouts give gibberish here."""
     from anemll_mlx.generate import generate_tokens
     from anemll_mlx.loading import load
+    from anemll_mlx.runtime.drivers import MLXDriver
 
     lm = load(SMOLLM2)
     ids = lm.tokenizer.encode_prompt("What is the capital of France?", chat=True)
-    text = lm.tokenizer.decode([t for t, _ in generate_tokens(lm, ids, 12)])
+    text = lm.tokenizer.decode([t for t, _ in generate_tokens(MLXDriver(lm, "mlx"), ids, 12)])
     assert "Paris" in text

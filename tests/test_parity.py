@@ -25,6 +25,7 @@ from mlx_lm.utils import load as mlx_lm_load
 
 from anemll_mlx.generate import generate_tokens
 from anemll_mlx.loading import LoadedModel, load
+from anemll_mlx.runtime.drivers import MLXDriver
 from tiny_models import ARCHS
 
 REL_TOL = 1e-4
@@ -126,7 +127,7 @@ def test_greedy_32_tokens_match_mlx_lm(tiny_model_factory, arch):
     lm, peer, _ = load_pair(tiny_model_factory(arch, **GREEDY_OVERRIDES.get(arch, {})))
     lm.tokenizer.eos_token_ids = set()
     ids = prompt_ids(lm)
-    ours = [token for token, _ in generate_tokens(lm, ids, 32)]
+    ours = [token for token, _ in generate_tokens(MLXDriver(lm, "mlx"), ids, 32)]
     theirs = [int(t) for t, _ in generate_step(mx.array(ids), peer, max_tokens=32, sampler=greedy)]
     assert len(ours) == 32
     assert ours == theirs
@@ -236,5 +237,5 @@ def test_smollm2_knows_the_capital_of_france(smollm2):
     """Greedy decoding of "The capital of France is" (no chat template) continues with " Paris"."""
     lm, _ = smollm2
     ids = lm.tokenizer.encode_prompt("The capital of France is", chat=False)
-    tokens = [token for token, _ in generate_tokens(lm, ids, 3)]
+    tokens = [token for token, _ in generate_tokens(MLXDriver(lm, "mlx"), ids, 3)]
     assert lm.tokenizer.decode(tokens).startswith(" Paris")

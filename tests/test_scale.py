@@ -16,13 +16,13 @@ from anemll_mlx.errors import BadArgumentError
 from anemll_mlx.loading import load
 from anemll_mlx.probe import (
     ProbeOps,
-    apply_fp16_scale,
     decide_fp16_scale,
     find_recipe,
     load_recipes,
     recommend_scale,
 )
 from anemll_mlx.probe.recipes import Recipe, model_names
+from anemll_mlx.transforms import apply_fp16_scale
 from tiny_models import ARCHS
 
 IDS = [3, 17, 42, 99, 150, 7, 250, 31, 64, 128, 5, 200]

@@ -72,24 +72,22 @@ def generate(
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object last")] = False,
 ) -> None:
     """Stream a completion from the MLX reference, then speed and memory figures."""
-    import mlx.core as mx
-
-    from .generate import check_sampling
+    from .generate import Sampling
     from .generate import generate as run_generate
     from .loading import load, parse_dtype
+    from .runtime.drivers import MLXDriver
 
     with user_errors():
         if not prompt.strip():
             raise BadArgumentError("--prompt must not be empty")
         parse_dtype(dtype)
-        check_sampling(temp, top_p)
+        sampling = Sampling(temp, top_p, seed)
+        sampling.check()
         if max_tokens < 1:
-            raise UserError(f"--max-tokens must be >= 1, got {max_tokens}")
+            raise BadArgumentError(f"--max-tokens must be >= 1, got {max_tokens}")
         lm = load(model, dtype)
-        mx.random.seed(seed)
-        result = run_generate(
-            lm, prompt, max_tokens, temp, top_p, chat, on_text=lambda s: print(s, end="", flush=True)
-        )
+        driver = MLXDriver(lm, f"mlx:{model}", context=lm.model.args.max_position_embeddings)
+        result = run_generate(driver, prompt, max_tokens, sampling, chat, on_text=lambda s: print(s, end="", flush=True))
     print()
     print("=" * 10)
     print(f"Prompt: {result.prompt_tokens} tokens, {result.prompt_tps:.1f} tokens/s")
@@ -157,7 +155,7 @@ def export(
     max_chunk_mb: Annotated[float, typer.Option(help="Weight budget per program in MB")] = 950.0,
     lut: Annotated[str, typer.Option(help="LUT for the FFN chunks: BITS[,GROUP|0|t] or none")] = "none",
     lut_lm_head: Annotated[str, typer.Option(help="LUT for the LM head")] = "none",
-    lut_embed: Annotated[str, typer.Option(help="LUT for the embeddings")] = "none",
+    lut_embeddings: Annotated[str, typer.Option("--lut-embeddings", "--lut-embed", help="LUT for the embeddings")] = "none",
     fp16_scale: Annotated[str, typer.Option(help="auto (recipe or probe), none, or a number")] = "auto",
     prefix: Annotated[str | None, typer.Option(help="File name prefix (default: the architecture)")] = None,
     split_lm_head: Annotated[str, typer.Option(help="LM head pieces, or auto (<= 16384 rows each)")] = "auto",
@@ -167,13 +165,13 @@ def export(
     force: Annotated[bool, typer.Option("--force", help="Replace an earlier export in --out")] = False,
 ) -> None:
     """Write chunked, stateful (optionally LUT-palettized) Core ML programs in ANEMLL's layout."""
-    from rich.progress import Progress
+    from rich.progress import Progress, TaskID
 
     from .export import ExportOptions, can_compile, check_output, export_model
-    from .export.plan import plan_export
     from .loading import load, read_config
     from .models import build_model
     from .probe.recipes import decide_fp16_scale, find_recipe, parse_fp16_scale
+    from .quant.lut import LUTConfig
 
     with user_errors():
         # everything that can be checked without the weights is checked first
@@ -183,10 +181,12 @@ def export(
             batch=batch,
             chunk=_int_or_auto("--chunk", chunk),
             max_chunk_mb=max_chunk_mb,
-            lut_ffn=_lut("--lut", lut),
-            lut_lm_head=_lut("--lut-lm-head", lut_lm_head),
-            lut_embed=_lut("--lut-embed", lut_embed),
-            fp16_scale=scale_setting if scale_setting != "auto" else None,
+            lut=LUTConfig(
+                ffn=_lut("--lut", lut),
+                lm_head=_lut("--lut-lm-head", lut_lm_head),
+                embeddings=_lut("--lut-embeddings", lut_embeddings),
+            ),
+            fp16_scale=scale_setting,
             prefix=prefix,
             split_lm_head=_int_or_auto("--split-lm-head", split_lm_head),
             attention_chunk=attention_chunk,
@@ -199,10 +199,7 @@ def export(
         target = check_output(out, force, source)
         skeleton = build_model(config)  # shapes only: no weights are read to plan
         options.check_model(skeleton)
-        plan = plan_export(
-            skeleton, options.chunk, max_chunk_mb, options.lut_ffn, options.lut_lm_head, options.lut_embed,
-            options.split_lm_head,
-        )
+        plan = options.plan(skeleton)
         table = Table(title=f"plan: {len(plan.chunks)} chunk(s), budget {max_chunk_mb:g} MB")
         for col in ("part", "layers", "MB"):
             table.add_column(col)
@@ -219,7 +216,7 @@ def export(
             print(f"--fp16-scale auto: {decision}")
             options.fp16_scale = decision.value
         with Progress(*_bar_columns(), console=console) as bar:
-            tasks: dict[str, int] = {}
+            tasks: dict[str, TaskID] = {}
 
             def progress(part: str, done: int, total: int) -> None:
                 if part not in tasks:

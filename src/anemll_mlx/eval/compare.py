@@ -226,12 +226,18 @@ def _free_run(
 def summarize(results: Sequence[PromptResult], reference: str, candidate: str) -> dict:
     """Pooled over every compared step of every prompt (long prompts weigh more, as they should)."""
     kl = [v for r in results for v in r.kl]
-    summary = {
+    means = {
         "kl_mean": _mean(kl),
-        "kl_max": _max(kl),
         "corr_mean": _mean([v for r in results for v in r.corr]),
         "entropy_mean": _mean([v for r in results for v in r.entropy]),
         "match_rate": _mean([v for r in results for v in r.match]),
+    }
+    return {
+        "kl_mean": means["kl_mean"],
+        "kl_max": _max(kl),
+        "corr_mean": means["corr_mean"],
+        "entropy_mean": means["entropy_mean"],
+        "match_rate": means["match_rate"],
         "top5_overlap": _mean([v for r in results for v in r.top5]),
         "first_divergence": [r.first_divergence for r in results],
         "prompts": len(results),
@@ -240,14 +246,13 @@ def summarize(results: Sequence[PromptResult], reference: str, candidate: str) -
         "ended_at_eos": sum(r.ended == "eos" for r in results),
         "reference": reference,
         "candidate": candidate,
+        "health": {
+            "kl": classify("kl", means["kl_mean"]),
+            "correlation": classify("correlation", means["corr_mean"]),
+            "match": classify("match", means["match_rate"]),
+            "entropy": classify("entropy", means["entropy_mean"]),
+        },
     }
-    summary["health"] = {
-        "kl": classify("kl", summary["kl_mean"]),
-        "correlation": classify("correlation", summary["corr_mean"]),
-        "match": classify("match", summary["match_rate"]),
-        "entropy": classify("entropy", summary["entropy_mean"]),
-    }
-    return summary
 
 
 # --- writing

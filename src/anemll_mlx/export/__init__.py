@@ -1,7 +1,7 @@
 """``export``: a loaded model to a folder of chunked, stateful Core ML programs in ANEMLL's layout.
 
-The folder is built beside the destination under a temporary name and renamed only when complete,
-so an interrupted export leaves the destination as it was.
+The folder is built through ``output.OutputFolder``: beside the destination under a temporary name,
+renamed only when complete, so an interrupted export leaves the destination as it was.
 """
 
 from __future__ import annotations
@@ -17,14 +17,17 @@ from pathlib import Path
 import coremltools as ct
 import numpy as np
 
+from .. import format as fmt
 from .. import interrupts
 from ..errors import BadArgumentError, UserError
 from ..loading import LoadedModel
+from ..models.base import DecoderModel
 from ..ops.mil_ops import MILOps
 from ..output import OutputFolder
-from ..quant.lut import LUTSpec
+from ..quant.lut import LUTConfig
+from ..transforms import apply_fp16_scale
 from . import package, programs
-from .meta import write_meta, write_tokenizer_files
+from .meta import export_meta, write_tokenizer_files
 from .plan import ExportPlan, plan_export
 from .weights import WeightStore
 
@@ -37,10 +40,8 @@ class ExportOptions:
     batch: int = 64
     chunk: int | str = "auto"
     max_chunk_mb: float = 950.0
-    lut_ffn: LUTSpec | None = None
-    lut_lm_head: LUTSpec | None = None
-    lut_embed: LUTSpec | None = None
-    fp16_scale: float | None = None  # already resolved: None = no scaling
+    lut: LUTConfig = field(default_factory=LUTConfig)
+    fp16_scale: float | str | None = None  # a number, None (no scaling) or "auto" (recipe, else probe)
     prefix: str | None = None
     split_lm_head: int | str = "auto"
     attention_chunk: int | None = None  # None: batch // 2
@@ -65,14 +66,15 @@ class ExportOptions:
                 raise BadArgumentError(f"{flag} must be auto or a whole number >= 1, got {value}")
         if not self.max_chunk_mb > 0:
             raise BadArgumentError(f"--max-chunk-mb must be > 0, got {self.max_chunk_mb}")
-        if self.fp16_scale is not None and not 0 < self.fp16_scale <= 1:
-            raise BadArgumentError(f"--fp16-scale must be in (0, 1], got {self.fp16_scale}")
+        scale = self.fp16_scale
+        if scale != "auto" and scale is not None and not (isinstance(scale, float | int) and 0 < scale <= 1):
+            raise BadArgumentError(f"--fp16-scale must be auto, none or a number in (0, 1], got {scale}")
         if self.compile not in ("auto", "yes", "no"):
             raise BadArgumentError(f"--compile must be auto, yes or no, not '{self.compile}'")
         if self.compile == "yes" and not can_compile():
             raise UserError("--compile yes needs macOS with Xcode's coremlcompiler (xcrun); use --compile no")
 
-    def check_model(self, model) -> None:
+    def check_model(self, model: DecoderModel) -> None:
         """Checks against the model's hyper-parameters (a skeleton from its config is enough)."""
         limit = model.args.max_position_embeddings
         if self.context > limit:
@@ -87,9 +89,13 @@ class ExportOptions:
                 f"{window}, or --context <= {window}"
             )
 
-    def validate(self, model) -> None:
+    def validate(self, model: DecoderModel) -> None:
         self.check_flags()
         self.check_model(model)
+
+    def plan(self, model: DecoderModel) -> ExportPlan:
+        """Chunks and LM-head pieces for ``model`` (shapes only: a skeleton from config.json plans the same)."""
+        return plan_export(model, self.chunk, self.max_chunk_mb, self.lut, self.split_lm_head)
 
 
 @dataclass
@@ -101,22 +107,9 @@ class ExportResult:
     compiled: bool = False
 
 
-ARCH_NAMES = {"llama": "llama", "qwen3": "qwen", "qwen2": "qwen25", "gemma3_text": "gemma3"}
-
-
-def part_names(prefix: str, options: ExportOptions, chunks: int) -> dict[str, str]:
-    """File stems as ANEMLL names them: prefix, part, `_lut{bits}` when palettized, chunk NNofMM."""
-
-    def lut(spec: LUTSpec | None) -> str:
-        return f"_lut{spec.bits}" if spec else ""
-
-    names = {
-        "embeddings": f"{prefix}_embeddings{lut(options.lut_embed)}",
-        "lm_head": f"{prefix}_lm_head{lut(options.lut_lm_head)}",
-    }
-    for i in range(chunks):
-        names[f"chunk{i}"] = f"{prefix}_FFN_PF{lut(options.lut_ffn)}_chunk_{i + 1:02d}of{chunks:02d}"
-    return names
+def part_files(prefix: str, options: ExportOptions, chunks: int) -> fmt.PartFiles:
+    """File stems as ANEMLL names them (``format.PartFiles``)."""
+    return fmt.PartFiles.named(prefix, options.lut.bits(), chunks)
 
 
 def check_output(out: str | Path, force: bool, source: Path | None) -> OutputFolder:
@@ -128,6 +121,14 @@ def can_compile() -> bool:
     return platform.system() == "Darwin" and shutil.which("xcrun") is not None
 
 
+def resolve_fp16_scale(lm: LoadedModel, options: ExportOptions, progress: Progress | None = None) -> None:
+    """Turn ``fp16_scale="auto"`` into a number or None: the model's recipe, else the probe."""
+    if options.fp16_scale == "auto":
+        from ..probe.recipes import decide_fp16_scale
+
+        options.fp16_scale = decide_fp16_scale(lm, "auto", progress=progress).value
+
+
 def export_model(
     lm: LoadedModel,
     out: Path | OutputFolder,
@@ -135,7 +136,8 @@ def export_model(
     progress: Progress | None = None,
     plan: ExportPlan | None = None,
 ) -> ExportResult:
-    """Write the export of ``lm`` to ``out``.  Applies ``options.fp16_scale`` to ``lm.model`` in place.
+    """Write the export of ``lm`` to ``out``.  Applies the fp16 scale to ``lm.model`` in place
+    (``"auto"`` is resolved first: the model's recipe, else the probe).
 
     ``out`` may be a folder already checked with ``OutputFolder.check`` (the CLI checks it before
     loading the model); a plain path is checked here.  Nothing appears under ``out`` until the
@@ -145,16 +147,12 @@ def export_model(
     options.validate(lm.model)
     target = out if isinstance(out, OutputFolder) else check_output(out, options.force, lm.path)
     model = lm.model
-    if options.fp16_scale is not None:
-        from ..probe.scale import apply_fp16_scale
-
+    resolve_fp16_scale(lm, options)
+    if isinstance(options.fp16_scale, float | int):
         apply_fp16_scale(model, options.fp16_scale)
-    plan = plan or plan_export(
-        model, options.chunk, options.max_chunk_mb, options.lut_ffn, options.lut_lm_head, options.lut_embed,
-        options.split_lm_head,
-    )
-    prefix = options.prefix or ARCH_NAMES[lm.architecture]
-    names = part_names(prefix, options, len(plan.chunks))
+    plan = plan or options.plan(model)
+    prefix = options.prefix or fmt.ARCHITECTURES[lm.architecture]
+    files = part_files(prefix, options, len(plan.chunks))
 
     def report(part: str, done: int, total: int) -> None:
         interrupts.check()
@@ -162,43 +160,42 @@ def export_model(
             progress(part, done, total)
 
     with target.build() as scratch:
-        module_names = {id(m): name for name, m in model.named_modules()}
-        store = WeightStore(module_names, options.lut_ffn, options.lut_lm_head, options.lut_embed)
-        ops = MILOps(options.attention_chunk or max(1, options.batch // 2), store, options.context)
+        ops = MILOps(options.attention_chunk or max(1, options.batch // 2), WeightStore(model, options.lut), options.context)
         result = ExportResult(out=target.path, plan=plan)
 
         report("embeddings", 0, 1)
         shapes = ct.EnumeratedShapes(shapes=[(1, 1), (1, options.batch)], default=(1, options.batch))
-        embed = package.convert(
-            programs.embeddings_program(model, ops), [ct.TensorType(name="input_ids", shape=shapes, dtype=np.int32)]
-        )
-        package.save(embed, scratch / f"{names['embeddings']}.mlpackage")
+        inputs = [ct.TensorType(name=fmt.INPUT_IDS, shape=shapes, dtype=np.int32)]
+        embed = package.convert(programs.embeddings_program(model, ops), inputs)
+        package.save(embed, scratch / f"{files.embeddings}.mlpackage")
         report("embeddings", 1, 1)
 
-        for i, layers in enumerate(plan.chunks):
+        functions = programs.chunk_functions(model, options.context, options.batch)
+        for i, (layers, stem) in enumerate(zip(plan.chunks, files.chunks)):
             part = f"chunk {i + 1:02d}of{len(plan.chunks):02d}"
             last = i == len(plan.chunks) - 1
-            functions = {}
-            kinds = programs.function_kinds(model, options.context, options.batch)
-            for n, (function, tokens, rotate) in enumerate(kinds):
-                report(part, n, len(kinds))
-                program = programs.chunk_program(model, ops, layers, tokens, options.context, last, rotate)
-                functions[function] = package.convert(program)
-            package.save_functions(functions, scratch / f"{names[f'chunk{i}']}.mlpackage", scratch, "infer")
-            report(part, len(kinds), len(kinds))
+            models = {}
+            for n, function in enumerate(functions):
+                report(part, n, len(functions))
+                program = programs.chunk_program(
+                    model, ops, layers, function.tokens, options.context, last, function.rotate
+                )
+                models[function.name] = package.convert(program)
+            package.save_functions(models, scratch / f"{stem}.mlpackage", scratch, fmt.INFER)
+            report(part, len(functions), len(functions))
 
         report("lm_head", 0, 1)
         head = package.convert(programs.lm_head_program(model, ops, plan.head_sizes, options.argmax_in_model))
-        package.save(head, scratch / f"{names['lm_head']}.mlpackage")
+        package.save(head, scratch / f"{files.lm_head}.mlpackage")
         report("lm_head", 1, 1)
 
         write_tokenizer_files(lm, scratch)
-        write_meta(lm, scratch, options, plan, names, prefix)
+        fmt.write_meta(scratch, export_meta(lm, options, plan, files, prefix))
         if options.compile == "yes" or (options.compile == "auto" and can_compile()):
-            for stem in names.values():
+            for stem in files.all():
                 compile_package(scratch / f"{stem}.mlpackage", scratch)
             result.compiled = True
-    result.files = {stem: _size(target.path / f"{stem}.mlpackage") for stem in names.values()}
+    result.files = {stem: _size(target.path / f"{stem}.mlpackage") for stem in files.all()}
     result.seconds = time.perf_counter() - started
     return result
 

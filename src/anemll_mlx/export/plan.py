@@ -11,11 +11,10 @@ import math
 from dataclasses import dataclass
 
 import numpy as np
-from mlx.utils import tree_flatten
 
 from ..errors import BadArgumentError, UserError
-from ..models.base import DecoderModel
-from ..quant.lut import LUTSpec
+from ..models.base import DecoderModel, parameter_arrays
+from ..quant.lut import LUTConfig, LUTSpec
 
 ANE_MAX_CHANNELS = 16384
 MB = 1024 * 1024
@@ -30,13 +29,13 @@ def weight_bytes(count: int, rows: int, spec: LUTSpec | None) -> int:
 
 
 def layer_bytes(model: DecoderModel, layer: int, lut: LUTSpec | None) -> int:
-    """Stored size of one decoder layer: projections at ``lut``, norms and biases in fp16."""
-    total = 0
-    for name, value in tree_flatten(model.model.layers[layer].parameters()):
-        if name.endswith("proj.weight"):
-            total += weight_bytes(value.size, value.shape[0], lut)
-        else:
-            total += 2 * value.size
+    """Stored size of one decoder layer: its declared LUT targets at ``lut``, the rest in fp16."""
+    total = sum(2 * value.size for value in parameter_arrays(model.model.layers[layer]))
+    if lut is not None:
+        for target in model.lut_targets():
+            if target.part == "ffn" and target.layer == layer:
+                w = target.holder.weight
+                total += weight_bytes(w.size, w.shape[0], lut) - 2 * w.size
     return total
 
 
@@ -82,17 +81,14 @@ def head_split(vocab: int, requested: int | str) -> list[int]:
 
 
 def plan_export(
-    model: DecoderModel,
-    chunks: int | str,
-    max_chunk_mb: float,
-    lut_ffn: LUTSpec | None,
-    lut_head: LUTSpec | None,
-    lut_embed: LUTSpec | None,
-    split_lm_head: int | str,
+    model: DecoderModel, chunks: int | str, max_chunk_mb: float, lut: LUTConfig, split_lm_head: int | str
 ) -> ExportPlan:
-    """Fewest chunks under the budget (``chunks='auto'``) or exactly ``chunks``."""
+    """Fewest chunks under the budget (``chunks='auto'``) or exactly ``chunks``.
+
+    Needs only shapes: a model built from config.json alone (no weights) plans the same.
+    """
     n_layers = len(model.model.layers)
-    sizes = [layer_bytes(model, i, lut_ffn) for i in range(n_layers)]
+    sizes = [layer_bytes(model, i, lut.ffn) for i in range(n_layers)]
     norm_bytes = 2 * model.model.norm.weight.size  # the final norm rides in the last chunk
     budget = int(max_chunk_mb * MB)
 
@@ -115,12 +111,12 @@ def plan_export(
     ranges = split_layers(n_layers, count)
     table = model.model.embed_tokens.weight
     head_sizes = head_split(model.args.vocab_size, split_lm_head)
-    head = model.head_weight
+    head = model.head.weight
     return ExportPlan(
         chunks=ranges,
         chunk_bytes=chunk_sizes(ranges),
-        embed_bytes=weight_bytes(table.size, table.shape[0], lut_embed),
+        embed_bytes=weight_bytes(table.size, table.shape[0], lut.embeddings),
         head_sizes=head_sizes,
-        head_bytes=sum(weight_bytes(n * head.shape[1], n, lut_head) for n in head_sizes),
+        head_bytes=sum(weight_bytes(n * head.shape[1], n, lut.lm_head) for n in head_sizes),
         budget_bytes=budget,
     )

@@ -1,43 +1,37 @@
 """How each exported weight is stored: fp16, or LUT-palettized with our own fitted tables.
 
-One ``WeightStore`` serves every function of an export: a LUT is fitted once per weight and the
-same indices and table are emitted wherever the weight appears, so the ``infer`` and ``prefill``
-functions of a chunk share byte-identical weights (Core ML then stores them once).
+Which weights a LUT may replace is the model's declaration (``DecoderModel.lut_targets``); which
+parts get one is the export's ``LUTConfig``.  One ``WeightStore`` serves every function of an
+export: a LUT is fitted once per weight and the same indices and table are emitted wherever the
+weight appears, so the ``infer`` and ``prefill`` functions of a chunk share byte-identical
+weights (Core ML then stores them once).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from typing import Any
 
-from ..ops.mil_ops import to_numpy
-from ..quant.lut import LUTSpec, LUTWeight, fit_lut, lut_to_mil
+from ..models.base import DecoderModel
+from ..ops.mil_ops import fp16_weight
+from ..ops.vocabulary import Embedding, Linear
+from ..quant.lut import LUTConfig, LUTWeight, fit_lut, lut_to_mil
 
 
 class WeightStore:
-    def __init__(
-        self,
-        names: dict[int, str],
-        lut_ffn: LUTSpec | None,
-        lut_head: LUTSpec | None,
-        lut_embed: LUTSpec | None,
-        on_fit: Callable[[str], None] | None = None,
-    ):
-        self.names = names  # id(module) -> dotted path, for stable op names
-        self.specs = {"ffn": lut_ffn, "lm_head": lut_head, "embed": lut_embed}
+    """The ``weight_for`` of ``MILOps``: (part, holder, shape, rows) -> an fp16 array or a LUT op."""
+
+    def __init__(self, model: DecoderModel, lut: LUTConfig):
+        self.lut = lut
+        self.names = {(t.part, id(t.holder)): t.name for t in model.lut_targets()}
         self.fitted: dict[str, LUTWeight] = {}
-        self.on_fit = on_fit
 
-    def _key(self, holder) -> str:
-        return getattr(holder, "key", None) or self.names[id(holder)]
-
-    def __call__(self, kind: str, holder, shape: tuple[int, ...]):
-        spec = self.specs[kind]
-        if spec is None:
-            return to_numpy(holder.weight).reshape(shape)
-        key = self._key(holder)
+    def __call__(self, part: str, holder: Linear | Embedding, shape: tuple[int, ...], rows: range | None = None) -> Any:
+        spec = self.lut[part]
+        name = self.names.get((part, id(holder)))
+        if spec is None or name is None:
+            return fp16_weight(part, holder, shape, rows)
+        key = name if rows is None else f"{name}_{rows.start}_{rows.stop}"
         if key not in self.fitted:
-            self.fitted[key] = fit_lut(holder.weight, spec)
-            if self.on_fit:
-                self.on_fit(key)
-        name = key.replace(".", "_") + "_palettized"
-        return lut_to_mil(self.fitted[key], shape, name)
+            weight = holder.weight if rows is None else holder.weight[rows.start : rows.stop]
+            self.fitted[key] = fit_lut(weight, spec)
+        return lut_to_mil(self.fitted[key], shape, key.replace(".", "_") + "_palettized")

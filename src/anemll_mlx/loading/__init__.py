@@ -11,11 +11,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import mlx.core as mx
-from mlx.utils import tree_flatten
 
 from ..errors import BadArgumentError, CorruptModelError, ModelNotFoundError
 from ..models import build_model
-from ..models.base import DecoderModel
+from ..models.base import DecoderModel, parameter_arrays
 from . import hub
 from .safetensors import load_safetensors
 from .tokenizer import Tokenizer
@@ -43,16 +42,17 @@ class LoadedModel:
     def path(self) -> Path:
         """The GGUF file or the folder the weights came from (a hub id's snapshot folder)."""
         path = self.gguf_path or self.folder
-        assert path is not None
+        if path is None:
+            raise ValueError("a loaded model has a folder or a GGUF file")
         return path
 
     @property
     def num_parameters(self) -> int:
-        return sum(v.size for _, v in tree_flatten(self.model.parameters()))
+        return sum(v.size for v in parameter_arrays(self.model))
 
     @property
     def nbytes(self) -> int:
-        return sum(v.nbytes for _, v in tree_flatten(self.model.parameters()))
+        return sum(v.nbytes for v in parameter_arrays(self.model))
 
 
 def parse_dtype(name: str) -> mx.Dtype:
@@ -154,8 +154,7 @@ def _assemble(config: dict, weights: dict[str, mx.array], dtype: mx.Dtype) -> De
     elif config.get("tie_word_embeddings", False):
         weights.pop("lm_head.weight")
     model = build_model(config)
-    if config["model_type"] == "gemma3_text":
-        weights = fold_gemma_norms(weights)
+    weights = model.sanitize(weights)
     weights = {k: v.astype(dtype) if mx.issubdtype(v.dtype, mx.floating) else v for k, v in weights.items()}
     try:
         model.load_weights(list(weights.items()), strict=True)
@@ -177,11 +176,6 @@ def _language_model_weights(weights: dict[str, mx.array]) -> dict[str, mx.array]
         if name.startswith(("model.", "lm_head.")) and "rotary_emb" not in name:
             out[name] = value
     return out
-
-
-def fold_gemma_norms(weights: dict[str, mx.array]) -> dict[str, mx.array]:
-    """Gemma's RMSNorm multiplies by (1 + w): store 1 + w, computed in float32, so one Norm serves all."""
-    return {k: (v.astype(mx.float32) + 1.0 if k.endswith("norm.weight") else v) for k, v in weights.items()}
 
 
 def _short(error: Exception) -> str:

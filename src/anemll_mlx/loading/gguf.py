@@ -357,7 +357,7 @@ def _vocab_size(path: Path, header: GGUFHeader, arch: str) -> int:
     tokens = header.metadata.get("tokenizer.ggml.tokens")
     if size is None and tokens is None:
         raise CorruptModelError(f"{path} has neither token_embd.weight nor a vocabulary")
-    return size if size is not None else len(tokens)
+    return int(size) if size is not None else len(tokens or ())
 
 
 def _special_token_ids(meta: dict[str, Any]) -> dict[str, Any]:
@@ -394,7 +394,7 @@ def llama3_scaling_from_factors(path: Path, factors: np.ndarray, config: dict) -
     between).  ``factor`` is their maximum; the band edges are not stored, so we try Llama 3.1's
     (low 1, high 4, original context 8192) and accept them only if they reproduce every divisor.
     """
-    from ..models.base import rope_inv_freq
+    from ..ops.vocabulary import rope_inv_freq
 
     if np.allclose(factors, 1.0):
         return None
@@ -509,14 +509,18 @@ def read_float_tensor(path: Path, info: TensorInfo) -> np.ndarray:
 def hf_weights(path: Path, header: GGUFHeader, config: dict, dtype: mx.Dtype) -> dict[str, mx.array]:
     """Read, dequantize, rename and re-layout every tensor; one at a time to bound peak memory."""
     arch = header.metadata["general.architecture"]
-    names = {name: hf_name(name, arch) for name in header.tensors if name not in _CONFIG_TENSORS}
-    for name, target in names.items():  # before reading any data
+    names: dict[str, str] = {}
+    for name in header.tensors:  # every name is checked before any data is read
+        if name in _CONFIG_TENSORS:
+            continue
+        target = hf_name(name, arch)
         if target is None:
             raise UnsupportedError(
                 f"{path}: tensor '{name}' has no Hugging Face equivalent for architecture '{arch}'"
             )
+        names[name] = target
     quantized = _load_quantized(path, header)
-    weights = {}
+    weights: dict[str, mx.array] = {}
     for name, target in names.items():
         info = header.tensors[name]
         if info.type_name in _QUANT_BITS:
@@ -534,9 +538,11 @@ def _load_quantized(path: Path, header: GGUFHeader) -> dict[str, mx.array]:
     if not any(info.type_name in _QUANT_BITS for info in header.tensors.values()):
         return {}
     try:
-        return mx.load(str(path))
+        loaded = mx.load(str(path))
     except Exception as e:  # MLX raises RuntimeError/ValueError with its own wording
         raise CorruptModelError(f"{path}: MLX could not read the tensor data ({e})") from None
+    assert isinstance(loaded, dict)
+    return loaded
 
 
 def _dequantized(path: Path, loaded: dict[str, mx.array], info: TensorInfo) -> mx.array:
@@ -546,10 +552,10 @@ def _dequantized(path: Path, loaded: dict[str, mx.array], info: TensorInfo) -> m
     32 weights (Q4_0's bias is -8 d, Q4_1's is m).
     """
     base = info.name.removesuffix(".weight")
-    parts = [loaded.pop(k, None) for k in (info.name, f"{base}.scales", f"{base}.biases")]
-    if any(p is None for p in parts):
+    names = (info.name, f"{base}.scales", f"{base}.biases")
+    if any(name not in loaded for name in names):
         raise CorruptModelError(f"{path}: MLX did not return the quantized parts of tensor '{info.name}'")
-    packed, scales, biases = parts
+    packed, scales, biases = (loaded.pop(name) for name in names)
     # scales and biases in float32 so d*q + m is not rounded to fp16 on the way
     value = mx.dequantize(
         packed,

@@ -65,7 +65,9 @@ def load_safetensors(folder: Path) -> dict[str, mx.array]:
     for path in checkpoint_files(folder):
         check_safetensors(path)
         try:
-            weights.update(mx.load(str(path)))
+            loaded = mx.load(str(path))
+            assert isinstance(loaded, dict)
+            weights.update(loaded)
         except Exception as e:  # MLX raises plain RuntimeError/ValueError on bad content
             raise CorruptModelError(f"{path} could not be read: {e}") from None
     return weights

@@ -1,22 +1,29 @@
-"""Pieces every architecture shares: hyper-parameter parsing, RoPE tables, weight holders and the
-per-call ``Step`` that carries positions, masks and the KV cache.
+"""What every family shares: hyper-parameter parsing, the attention and MLP blocks, and the decoder.
 
-The forward of each family is written against these plus an ``ops`` backend, so the same code runs
-eagerly on MLX and is traced into MIL for export.
+The forward of each family is written against the op vocabulary (``ops.vocabulary.Ops``), so the
+same code runs eagerly on MLX and is traced into MIL for export.  A family file declares what is
+specific to it (see ``DecoderModel`` and ``Block``): its blocks, weight fix-ups at load time,
+where its residual branches end (for the fp16 scale) and, by default, which weights a LUT may
+replace under which export part.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import math
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, NamedTuple, Protocol, cast
 
 import mlx.core as mx
 import mlx.nn as nn
-import numpy as np
+from mlx.utils import tree_flatten
 
-from ..errors import UnsupportedError
+from ..errors import CorruptModelError
+from ..format import causal_mask
+from ..ops.mlx_ops import MLXKVCache, MLXOps
+from ..ops.vocabulary import Embedding, Linear, Norm, Ops, RoPE, Step, Tensor
+
+if TYPE_CHECKING:
+    from ..quant.lut import LUTConfig
 
 
 @dataclass
@@ -30,178 +37,129 @@ class BaseArgs:
     num_attention_heads: int
     vocab_size: int
     rms_norm_eps: float = 1e-6
-    num_key_value_heads: int | None = None
-    head_dim: int | None = None
+    num_key_value_heads: int = 0  # 0: as many as attention heads
+    head_dim: int = 0  # 0: hidden_size // num_attention_heads
     rope_theta: float = 10000.0
     rope_scaling: dict | None = None
     max_position_embeddings: int = 2048
     tie_word_embeddings: bool = False
 
     def __post_init__(self) -> None:
-        if self.num_key_value_heads is None:
-            self.num_key_value_heads = self.num_attention_heads
-        if self.head_dim is None:
-            self.head_dim = self.hidden_size // self.num_attention_heads
+        self.num_key_value_heads = self.num_key_value_heads or self.num_attention_heads
+        self.head_dim = self.head_dim or self.hidden_size // self.num_attention_heads
 
     @classmethod
-    def from_dict(cls, config: dict[str, Any]) -> BaseArgs:
-        """Keep the keys this family knows; HF configs carry many we do not need."""
-        known = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in config.items() if k in known})
+    def from_config(cls, config: dict[str, Any]) -> BaseArgs:
+        """Keep the keys this family knows (HF configs carry many we do not need); a missing
+        required key is reported by name."""
+        fields = dataclasses.fields(cls)
+        required = [f.name for f in fields if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
+        missing = [k for k in required if k not in config]
+        if missing:
+            raise CorruptModelError(f"config.json lacks {', '.join(missing)} for model_type '{config.get('model_type')}'")
+        known = {f.name for f in fields}
+        return cls(**{k: v for k, v in config.items() if k in known and v is not None})
 
     def is_sliding(self, layer: int) -> bool:
-        """Whether ``layer`` attends over a sliding window (only Gemma3 has such layers)."""
+        """Whether ``layer`` attends over a sliding window (families with such layers override)."""
         return False
 
 
-# --- RoPE ---------------------------------------------------------------------------------------
+# --- blocks shared by the families --------------------------------------------------------------
 
 
-def rope_inv_freq(head_dim: int, base: float, scaling: dict | None) -> np.ndarray:
-    """Inverse frequencies of rotary embeddings, float64, with HF's scaling rules.
+class Attention(nn.Module):
+    """Grouped-query attention with rotary embeddings and an optional RMSNorm on q and k per head."""
 
-    ``llama3`` blends low and high frequencies as Hugging Face's ``_compute_llama3_parameters``
-    does: long wavelengths are divided by ``factor``, short ones kept, the band between smoothly
-    interpolated.  ``linear`` divides all frequencies by ``factor``.
-    """
-    inv_freq = 1.0 / (base ** (np.arange(0, head_dim, 2, dtype=np.float64) / head_dim))
-    kind = (scaling or {}).get("rope_type", (scaling or {}).get("type", "default"))
-    if kind == "default":
-        return inv_freq
-    if kind == "linear":
-        return inv_freq / scaling["factor"]
-    if kind == "llama3":
-        factor = scaling["factor"]
-        low, high = scaling.get("low_freq_factor", 1.0), scaling.get("high_freq_factor", 4.0)
-        old_context = scaling.get("original_max_position_embeddings", 8192)
-        wavelen = 2 * math.pi / inv_freq
-        scaled = np.where(wavelen > old_context / low, inv_freq / factor, inv_freq)
-        smooth = (old_context / wavelen - low) / (high - low)
-        blended = (1 - smooth) * scaled / factor + smooth * scaled
-        medium = (wavelen >= old_context / high) & (wavelen <= old_context / low)
-        return np.where(medium, blended, scaled)
-    raise UnsupportedError(f"rope_scaling type '{kind}' is not supported (supported: default, linear, llama3)")
-
-
-@dataclass(frozen=True)
-class RoPE:
-    """One rotary embedding: its inverse frequencies (half of head_dim) and the table size.
-
-    The MLX backend feeds ``periods`` to ``mx.fast.rope``; the MIL backend bakes cos/sin tables
-    of ``length`` rows into the program and gathers rows by position.
-    """
-
-    inv_freq: np.ndarray
-    length: int
-
-    @property
-    def periods(self) -> mx.array:
-        return mx.array((1.0 / self.inv_freq).astype(np.float32))
-
-    def tables(self) -> tuple[np.ndarray, np.ndarray]:
-        """cos and sin of shape (length, head_dim), halves repeated as HF's rotate_half expects."""
-        angles = np.outer(np.arange(self.length, dtype=np.float64), self.inv_freq)
-        angles = np.concatenate([angles, angles], axis=-1)
-        return np.cos(angles).astype(np.float32), np.sin(angles).astype(np.float32)
-
-
-# --- weight holders -----------------------------------------------------------------------------
-
-
-class Linear(nn.Module):
-    """A projection ``y = x W^T + b``; only holds the weight (out, in) and optional bias.
-
-    How it is computed (matmul on MLX, 1x1 conv with an optional LUT on MIL) is the backend's job.
-    """
-
-    def __init__(self, in_features: int, out_features: int, bias: bool = False):
+    def __init__(
+        self,
+        args: BaseArgs,
+        scale: float,
+        qkv_bias: bool = False,
+        o_bias: bool = False,
+        qk_norm: bool = False,
+        sliding: bool = False,
+    ):
         super().__init__()
-        self.weight = mx.zeros((out_features, in_features))
-        if bias:
-            self.bias = mx.zeros((out_features,))
+        self.n_heads, self.n_kv_heads, self.head_dim = args.num_attention_heads, args.num_key_value_heads, args.head_dim
+        self.scale = scale
+        self.sliding = sliding
+        self.q_proj = Linear(args.hidden_size, self.n_heads * self.head_dim, qkv_bias)
+        self.k_proj = Linear(args.hidden_size, self.n_kv_heads * self.head_dim, qkv_bias)
+        self.v_proj = Linear(args.hidden_size, self.n_kv_heads * self.head_dim, qkv_bias)
+        self.o_proj = Linear(self.n_heads * self.head_dim, args.hidden_size, o_bias)
+        if qk_norm:
+            self.q_norm = Norm(self.head_dim, args.rms_norm_eps)
+            self.k_norm = Norm(self.head_dim, args.rms_norm_eps)
+
+    def __call__(self, ops: Ops, x: Tensor, layer: int, rope: RoPE, step: Step) -> Tensor:
+        q = ops.split_heads(ops.linear(x, self.q_proj), self.n_heads, self.head_dim)
+        k = ops.split_heads(ops.linear(x, self.k_proj), self.n_kv_heads, self.head_dim)
+        v = ops.split_heads(ops.linear(x, self.v_proj), self.n_kv_heads, self.head_dim)
+        if "q_norm" in self:
+            q, k = ops.rms_norm(q, self.q_norm), ops.rms_norm(k, self.k_norm)
+        q, k = ops.rope(q, rope, step), ops.rope(k, rope, step)
+        k, v = step.cache.update(layer, k, v, step)
+        out = ops.attention(q, k, v, step.mask(self.sliding), self.scale)
+        return ops.linear(ops.merge_heads(out), self.o_proj)
 
 
-class Norm(nn.Module):
-    """RMSNorm gain.  Holds the effective multiplier: Gemma's (1 + w) is folded in at load time."""
+class MLP(nn.Module):
+    """Gated MLP: down(act(gate(x)) * up(x)), act silu (LLaMA, Qwen) or tanh-approximated gelu (Gemma)."""
 
-    def __init__(self, dims: int, eps: float):
+    def __init__(self, args: BaseArgs, activation: str = "silu", bias: bool = False):
         super().__init__()
-        self.weight = mx.ones((dims,))
-        self.eps = eps
+        self.activation = activation
+        self.gate_proj = Linear(args.hidden_size, args.intermediate_size, bias)
+        self.up_proj = Linear(args.hidden_size, args.intermediate_size, bias)
+        self.down_proj = Linear(args.intermediate_size, args.hidden_size, bias)
+
+    def __call__(self, ops: Ops, x: Tensor, layer: int) -> Tensor:
+        gate = ops.linear(x, self.gate_proj)
+        gate = ops.silu(gate) if self.activation == "silu" else ops.gelu_tanh(gate)
+        hidden = ops.tap("mlp_hidden", layer, ops.mul(gate, ops.linear(x, self.up_proj)))
+        return ops.linear(hidden, self.down_proj)
 
 
-# --- one call of the model ----------------------------------------------------------------------
+class Block(Protocol):
+    """What a family's decoder block declares besides its forward."""
+
+    def __call__(self, ops: Ops, x: Tensor, layer: int, rope: RoPE, step: Step) -> Tensor: ...
+
+    def branch_outputs(self) -> list[Linear | Norm]:
+        """The last weight of each residual branch: scaling it scales what the branch adds."""
+        ...
+
+    def stream_norms(self) -> list[Norm]:
+        """The norms whose input is the residual stream itself."""
+        ...
 
 
-@dataclass
-class Step:
-    """What a forward call needs besides hidden states.
-
-    ``positions`` are the absolute positions of the T tokens; ``start`` is the first of them when
-    the backend knows it as a number (MLX), which lets MLX attend only over the filled part of the
-    fixed-size cache.  ``masks`` maps "global" (and "sliding" for Gemma3) to an additive mask of
-    shape (1, 1, T, context), or None when nothing needs masking.  ``cache`` belongs to the backend.
-    """
-
-    positions: Any
-    masks: dict[str, Any]
-    cache: Any
-    start: int | None = None
-    extras: dict[str, Any] = field(default_factory=dict)
-
-    def mask(self, sliding: bool) -> Any:
-        return self.masks["sliding" if sliding else "global"]
-
-
-def args_from_config(args_class: type[BaseArgs], config: dict) -> BaseArgs:
-    """Build the family's dataclass; a missing required key is reported by name."""
-    required = [
-        p.name
-        for p in dataclasses.fields(args_class)
-        if p.default is dataclasses.MISSING and p.default_factory is dataclasses.MISSING  # type: ignore[misc]
-    ]
-    missing = [k for k in required if k not in config]
-    if missing:
-        from ..errors import CorruptModelError
-
-        raise CorruptModelError(f"config.json lacks {', '.join(missing)} for model_type '{config.get('model_type')}'")
-    return args_class.from_dict(config)
-
-
-__all__ = ["BaseArgs", "Linear", "Norm", "RoPE", "Step", "args_from_config", "rope_inv_freq"]
-
-
-# --- the decoder every family builds on ---------------------------------------------------------
-
-
-class Embedding(nn.Module):
-    def __init__(self, vocab: int, dims: int):
-        super().__init__()
-        self.weight = mx.zeros((vocab, dims))
+# --- the decoder --------------------------------------------------------------------------------
 
 
 class Body(nn.Module):
     """Holds HF's ``model.*`` tensors under HF's names, so checkpoints load without renaming."""
 
-    def __init__(self, args: BaseArgs, layers: list[nn.Module]):
+    def __init__(self, args: BaseArgs, layers: list[Any]):
         super().__init__()
         self.embed_tokens = Embedding(args.vocab_size, args.hidden_size)
         self.layers = layers
         self.norm = Norm(args.hidden_size, args.rms_norm_eps)
 
 
-def causal_mask(start: int, length: int, width: int, window: int | None = None, dtype=mx.float32) -> mx.array:
-    """Additive mask (1, 1, length, width): 0 where query ``start+i`` may see key ``j``, else -inf.
+def parameter_arrays(module: nn.Module) -> list[mx.array]:
+    """Every parameter array of ``module`` (nested modules included)."""
+    return [cast(mx.array, item[1]) for item in tree_flatten(module.parameters())]
 
-    A key is visible when it is not in the future and, with a sliding ``window``, when fewer than
-    ``window`` positions back (the query itself included), as Hugging Face's Gemma3 masks it.
-    """
-    q = mx.arange(start, start + length)[:, None]
-    k = mx.arange(width)[None]
-    visible = k <= q
-    if window is not None:
-        visible = visible & (k > q - window)
-    return mx.where(visible, mx.array(0, dtype), mx.array(-mx.inf, dtype))[None, None]
+
+class LUTTarget(NamedTuple):
+    """A weight a LUT may replace: its export part, its Hugging Face name and its holder."""
+
+    part: str  # one of format.PARTS
+    name: str
+    holder: Linear | Embedding
+    layer: int | None = None  # the decoder layer of an "ffn" weight
 
 
 class DecoderModel(nn.Module):
@@ -210,69 +168,101 @@ class DecoderModel(nn.Module):
     Export slices this into programs: ``embed`` alone, ``forward_layers`` over a layer range per
     chunk (the last chunk adds ``final_norm``), and ``logits`` split along the vocabulary.
     ``__call__`` chains them eagerly on MLX for generation and as the reference.
+
+    ``fp16_scale`` and ``lut`` record the transforms applied to the weights (``transforms.py``).
     """
 
-    sliding_window: int | None = None
-
-    def __init__(self, args: BaseArgs, layers: list[nn.Module]):
+    def __init__(self, args: BaseArgs, layers: list[Any]):
         super().__init__()
         self.args = args
         self.model = Body(args, layers)
         if not args.tie_word_embeddings:
             self.lm_head = Linear(args.hidden_size, args.vocab_size)
         self.embed_scale = 1.0
+        self.sliding_window: int | None = None
+        self.fp16_scale: float | None = None
+        self.lut: LUTConfig | None = None
 
-    # pieces, each taking the backend ``ops`` first
+    @property
+    def blocks(self) -> list[Block]:
+        return self.model.layers
+
+    def sliding(self) -> list[bool]:
+        """Which layers attend over the sliding window."""
+        return [self.args.is_sliding(i) for i in range(self.args.num_hidden_layers)]
+
+    # --- what a family declares (defaults fit a decoder of Linear projections)
 
     def rope_for(self, layer: int) -> RoPE:
         raise NotImplementedError
 
-    def embed(self, ops, ids):
-        return ops.tap("embedding", -1, ops.embed(ids, self.model.embed_tokens.weight, self.embed_scale))
+    def sanitize(self, weights: dict[str, mx.array]) -> dict[str, mx.array]:
+        """Fix-ups of checkpoint weights at load time (a family whose norms store 1 + w folds them)."""
+        return weights
 
-    def forward_layers(self, ops, h, step: Step, layers: range | None = None):
+    def lut_targets(self) -> list[LUTTarget]:
+        """The weights a LUT may replace, by export part: every projection of the decoder layers
+        ("ffn"), the embedding table ("embeddings") and the LM head ("lm_head", the embedding table
+        again when tied: the head program gets its own copy)."""
+        targets = [LUTTarget("embeddings", "model.embed_tokens", self.model.embed_tokens)]
+        for i, block in enumerate(self.model.layers):
+            for name, module in block.named_modules():
+                if isinstance(module, Linear):
+                    targets.append(LUTTarget("ffn", f"model.layers.{i}.{name}", module, i))
+        targets.append(LUTTarget("lm_head", "lm_head" if "lm_head" in self else "model.embed_tokens", self.head))
+        return targets
+
+    # --- pieces, each taking the backend ``ops`` first
+
+    def embed(self, ops: Ops, ids: Tensor) -> Tensor:
+        return ops.tap("embedding", -1, ops.embed(ids, self.model.embed_tokens, self.embed_scale))
+
+    def forward_layers(self, ops: Ops, h: Tensor, step: Step, layers: range | None = None) -> Tensor:
         for i in layers if layers is not None else range(len(self.model.layers)):
             h = self.model.layers[i](ops, h, i, self.rope_for(i), step)
         return h
 
-    def final_norm(self, ops, h):
+    def final_norm(self, ops: Ops, h: Tensor) -> Tensor:
         return ops.rms_norm(h, self.model.norm)
 
     @property
-    def head_weight(self) -> mx.array:
-        return self.lm_head.weight if "lm_head" in self else self.model.embed_tokens.weight
+    def head(self) -> Linear | Embedding:
+        """The LM head's holder: ``lm_head``, or the embedding table when tied."""
+        return self.lm_head if "lm_head" in self else self.model.embed_tokens
 
-    def logits(self, ops, h, sizes: list[int] | None = None) -> list:
+    def logits(self, ops: Ops, h: Tensor, sizes: list[int] | None = None) -> list[Tensor]:
         """Logits in pieces of ``sizes`` vocabulary rows (one piece when None)."""
-        return ops.lm_head(h, self.head_weight, sizes)
+        return ops.lm_head(h, self.head, sizes)
 
-    # eager MLX use
+    # --- eager MLX use
 
-    def make_cache(self, context: int, dtype: mx.Dtype | None = None):
-        from ..ops.mlx_ops import MLXKVCache
-
+    def make_cache(self, context: int, dtype: mx.Dtype | None = None) -> MLXKVCache:
         a = self.args
         dtype = dtype or self.model.embed_tokens.weight.dtype
         return MLXKVCache(a.num_hidden_layers, a.num_key_value_heads, a.head_dim, context, dtype)
 
-    def mlx_step(self, start: int, length: int, cache) -> Step:
+    def mlx_step(self, start: int, length: int, cache: MLXKVCache) -> Step:
         """Positions and masks for tokens start..start+length on MLX (masks as wide as the filled cache)."""
         dtype = self.model.embed_tokens.weight.dtype
         end = start + length
-        masks: dict[str, Any] = {"global": None if length == 1 else causal_mask(start, length, end, dtype=dtype)}
+
+        def mask(window: int | None) -> mx.array:
+            return mx.array(causal_mask(start, length, end, window)).astype(dtype)
+
+        masks: dict[str, Any] = {"global": None if length == 1 else mask(None)}
         if self.sliding_window is not None:
             needs = length > 1 or end > self.sliding_window
-            masks["sliding"] = causal_mask(start, length, end, self.sliding_window, dtype) if needs else None
+            masks["sliding"] = mask(self.sliding_window) if needs else None
         return Step(positions=mx.arange(start, end), masks=masks, cache=cache, start=start)
 
-    def __call__(self, ids: mx.array, cache, start: int, ops=None, last_only: bool = False) -> mx.array:
+    def __call__(
+        self, ids: mx.array, cache: MLXKVCache, start: int, ops: Ops | None = None, last_only: bool = False
+    ) -> mx.array:
         """Logits (B, T, vocab) for ``ids`` (B, T) placed at positions start..start+T.
 
         ``last_only`` gives (B, 1, vocab), the last position's: a prompt's other positions would
         cost a full LM-head matmul each for logits nobody reads.
         """
-        from ..ops.mlx_ops import MLXOps
-
         ops = ops or MLXOps()
         if start + ids.shape[1] > cache.context:
             raise ValueError(f"positions up to {start + ids.shape[1]} exceed the cache context {cache.context}")

@@ -1,9 +1,9 @@
 """Gemma 3 (text): ``gemma3_text`` and the language half of ``gemma3``.
 
 Differs from LLaMA in ways that matter on the ANE: four norms per block (post-norms on both
-branches, with (1 + w) gains folded into ``Norm.weight`` at load), embeddings scaled by
-sqrt(hidden), q/k norms, attention scaled by query_pre_attn_scalar, gelu(tanh) MLP, and most
-layers attending over a sliding window with their own RoPE base.  The post-norm gains let the
+branches, with (1 + w) gains folded into ``Norm.weight`` at load by ``sanitize``), embeddings
+scaled by sqrt(hidden), q/k norms, attention scaled by query_pre_attn_scalar, gelu(tanh) MLP, and
+most layers attending over a sliding window with their own RoPE base.  The post-norm gains let the
 residual stream grow past fp16's 65504: see ``anemll-mlx probe``.
 """
 
@@ -12,15 +12,17 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+import mlx.core as mx
 import mlx.nn as nn
 
 from ..errors import UnsupportedError
-from .base import BaseArgs, DecoderModel, Linear, Norm, RoPE, Step, rope_inv_freq
+from ..ops.vocabulary import Linear, Norm, Ops, RoPE, Step, Tensor, rope_inv_freq
+from .base import MLP, Attention, BaseArgs, DecoderModel
 
 
 @dataclass
 class Gemma3Args(BaseArgs):
-    query_pre_attn_scalar: float | None = None
+    query_pre_attn_scalar: float = 0.0  # 0: head_dim
     sliding_window: int = 4096
     sliding_window_pattern: int = 6
     layer_types: list[str] | None = None
@@ -32,8 +34,7 @@ class Gemma3Args(BaseArgs):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.query_pre_attn_scalar is None:
-            self.query_pre_attn_scalar = self.head_dim
+        self.query_pre_attn_scalar = self.query_pre_attn_scalar or self.head_dim
         if self.layer_types is None:
             p = self.sliding_window_pattern
             self.layer_types = [
@@ -45,61 +46,21 @@ class Gemma3Args(BaseArgs):
             raise UnsupportedError(f"Gemma3 hidden_activation '{self.hidden_activation}' is not supported")
 
     def is_sliding(self, layer: int) -> bool:
-        return self.layer_types[layer] == "sliding_attention"
-
-
-class Attention(nn.Module):
-    def __init__(self, args: Gemma3Args, sliding: bool):
-        super().__init__()
-        self.n_heads, self.n_kv_heads, self.head_dim = (
-            args.num_attention_heads,
-            args.num_key_value_heads,
-            args.head_dim,
-        )
-        self.sliding = sliding
-        self.scale = args.query_pre_attn_scalar**-0.5
-        self.q_proj = Linear(args.hidden_size, self.n_heads * self.head_dim)
-        self.k_proj = Linear(args.hidden_size, self.n_kv_heads * self.head_dim)
-        self.v_proj = Linear(args.hidden_size, self.n_kv_heads * self.head_dim)
-        self.o_proj = Linear(self.n_heads * self.head_dim, args.hidden_size)
-        self.q_norm = Norm(self.head_dim, args.rms_norm_eps)
-        self.k_norm = Norm(self.head_dim, args.rms_norm_eps)
-
-    def __call__(self, ops, x, layer: int, rope: RoPE, step: Step):
-        q = ops.split_heads(ops.linear(x, self.q_proj), self.n_heads, self.head_dim)
-        k = ops.split_heads(ops.linear(x, self.k_proj), self.n_kv_heads, self.head_dim)
-        v = ops.split_heads(ops.linear(x, self.v_proj), self.n_kv_heads, self.head_dim)
-        q, k = ops.rms_norm(q, self.q_norm), ops.rms_norm(k, self.k_norm)
-        q, k = ops.rope(q, rope, step), ops.rope(k, rope, step)
-        k, v = step.cache.update(layer, k, v, step)
-        out = ops.attention(q, k, v, step.mask(self.sliding), self.scale)
-        return ops.linear(ops.merge_heads(out), self.o_proj)
-
-
-class MLP(nn.Module):
-    def __init__(self, args: Gemma3Args):
-        super().__init__()
-        self.gate_proj = Linear(args.hidden_size, args.intermediate_size)
-        self.up_proj = Linear(args.hidden_size, args.intermediate_size)
-        self.down_proj = Linear(args.intermediate_size, args.hidden_size)
-
-    def __call__(self, ops, x, layer: int):
-        hidden = ops.mul(ops.gelu_tanh(ops.linear(x, self.gate_proj)), ops.linear(x, self.up_proj))
-        hidden = ops.tap("mlp_hidden", layer, hidden)
-        return ops.linear(hidden, self.down_proj)
+        return self.layer_types is not None and self.layer_types[layer] == "sliding_attention"
 
 
 class Block(nn.Module):
     def __init__(self, args: Gemma3Args, layer: int):
         super().__init__()
-        self.self_attn = Attention(args, args.is_sliding(layer))
-        self.mlp = MLP(args)
+        scale = args.query_pre_attn_scalar**-0.5
+        self.self_attn = Attention(args, scale, qk_norm=True, sliding=args.is_sliding(layer))
+        self.mlp = MLP(args, "gelu_tanh")
         self.input_layernorm = Norm(args.hidden_size, args.rms_norm_eps)
         self.post_attention_layernorm = Norm(args.hidden_size, args.rms_norm_eps)
         self.pre_feedforward_layernorm = Norm(args.hidden_size, args.rms_norm_eps)
         self.post_feedforward_layernorm = Norm(args.hidden_size, args.rms_norm_eps)
 
-    def __call__(self, ops, x, layer: int, rope: RoPE, step: Step):
+    def __call__(self, ops: Ops, x: Tensor, layer: int, rope: RoPE, step: Step) -> Tensor:
         attn = self.self_attn(ops, ops.rms_norm(x, self.input_layernorm), layer, rope, step)
         attn = ops.tap("attn_out", layer, ops.rms_norm(attn, self.post_attention_layernorm))
         h = ops.add(x, attn)
@@ -107,12 +68,16 @@ class Block(nn.Module):
         mlp = ops.tap("mlp_out", layer, ops.rms_norm(mlp, self.post_feedforward_layernorm))
         return ops.tap("residual", layer, ops.add(h, mlp))
 
+    def branch_outputs(self) -> list[Linear | Norm]:
+        # post-norm branches end in their own norm: its gain is the branch's output scale
+        return [self.post_attention_layernorm, self.post_feedforward_layernorm]
+
+    def stream_norms(self) -> list[Norm]:
+        return [self.input_layernorm, self.pre_feedforward_layernorm]
+
 
 class Model(DecoderModel):
     """Token ids -> logits for Gemma 3 text models."""
-
-    # Norm gains are stored as (1 + w): see loading.weights.fold_gemma_norms.
-    norm_offset = 1.0
 
     def __init__(self, args: Gemma3Args):
         super().__init__(args, [Block(args, i) for i in range(args.num_hidden_layers)])
@@ -124,3 +89,7 @@ class Model(DecoderModel):
 
     def rope_for(self, layer: int) -> RoPE:
         return self.local_rope if self.args.is_sliding(layer) else self.global_rope
+
+    def sanitize(self, weights: dict[str, mx.array]) -> dict[str, mx.array]:
+        """Gemma's RMSNorm multiplies by (1 + w): store 1 + w (in float32) so one ``Norm`` serves all."""
+        return {k: (v.astype(mx.float32) + 1.0 if k.endswith("norm.weight") else v) for k, v in weights.items()}

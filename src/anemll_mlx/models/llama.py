@@ -11,7 +11,8 @@ from dataclasses import dataclass
 
 import mlx.nn as nn
 
-from .base import BaseArgs, DecoderModel, Linear, Norm, RoPE, Step, rope_inv_freq
+from ..ops.vocabulary import Linear, Norm, Ops, RoPE, Step, Tensor, rope_inv_freq
+from .base import MLP, Attention, BaseArgs, DecoderModel
 
 
 @dataclass
@@ -29,62 +30,48 @@ class LlamaArgs(BaseArgs):
         return self.attention_bias
 
 
-class Attention(nn.Module):
-    def __init__(self, args: LlamaArgs):
-        super().__init__()
-        self.n_heads, self.n_kv_heads, self.head_dim = (
-            args.num_attention_heads,
-            args.num_key_value_heads,
-            args.head_dim,
-        )
-        self.scale = self.head_dim**-0.5
-        bias = args.qkv_bias
-        self.q_proj = Linear(args.hidden_size, self.n_heads * self.head_dim, bias)
-        self.k_proj = Linear(args.hidden_size, self.n_kv_heads * self.head_dim, bias)
-        self.v_proj = Linear(args.hidden_size, self.n_kv_heads * self.head_dim, bias)
-        self.o_proj = Linear(self.n_heads * self.head_dim, args.hidden_size, args.o_bias)
-        if args.qk_norm:
-            self.q_norm = Norm(self.head_dim, args.rms_norm_eps)
-            self.k_norm = Norm(self.head_dim, args.rms_norm_eps)
+@dataclass
+class Qwen2Args(LlamaArgs):
+    """Qwen2 / Qwen2.5: biases on q, k and v (never on o), tied embeddings by default."""
 
-    def __call__(self, ops, x, layer: int, rope: RoPE, step: Step):
-        q = ops.split_heads(ops.linear(x, self.q_proj), self.n_heads, self.head_dim)
-        k = ops.split_heads(ops.linear(x, self.k_proj), self.n_kv_heads, self.head_dim)
-        v = ops.split_heads(ops.linear(x, self.v_proj), self.n_kv_heads, self.head_dim)
-        if "q_norm" in self:
-            q, k = ops.rms_norm(q, self.q_norm), ops.rms_norm(k, self.k_norm)
-        q, k = ops.rope(q, rope, step), ops.rope(k, rope, step)
-        k, v = step.cache.update(layer, k, v, step)
-        out = ops.attention(q, k, v, step.mask(sliding=False), self.scale)
-        return ops.linear(ops.merge_heads(out), self.o_proj)
+    tie_word_embeddings: bool = True
+
+    @property
+    def qkv_bias(self) -> bool:
+        return True
+
+    @property
+    def o_bias(self) -> bool:
+        return False
 
 
-class MLP(nn.Module):
-    def __init__(self, args: LlamaArgs):
-        super().__init__()
-        self.gate_proj = Linear(args.hidden_size, args.intermediate_size, args.mlp_bias)
-        self.up_proj = Linear(args.hidden_size, args.intermediate_size, args.mlp_bias)
-        self.down_proj = Linear(args.intermediate_size, args.hidden_size, args.mlp_bias)
+@dataclass
+class Qwen3Args(LlamaArgs):
+    """Qwen3: no biases, RMSNorm on q and k per head."""
 
-    def __call__(self, ops, x, layer: int):
-        hidden = ops.mul(ops.silu(ops.linear(x, self.gate_proj)), ops.linear(x, self.up_proj))
-        hidden = ops.tap("mlp_hidden", layer, hidden)
-        return ops.linear(hidden, self.down_proj)
+    qk_norm: bool = True
 
 
 class Block(nn.Module):
     def __init__(self, args: LlamaArgs):
         super().__init__()
-        self.self_attn = Attention(args)
-        self.mlp = MLP(args)
+        scale = args.head_dim**-0.5
+        self.self_attn = Attention(args, scale, args.qkv_bias, args.o_bias, args.qk_norm)
+        self.mlp = MLP(args, "silu", args.mlp_bias)
         self.input_layernorm = Norm(args.hidden_size, args.rms_norm_eps)
         self.post_attention_layernorm = Norm(args.hidden_size, args.rms_norm_eps)
 
-    def __call__(self, ops, x, layer: int, rope: RoPE, step: Step):
+    def __call__(self, ops: Ops, x: Tensor, layer: int, rope: RoPE, step: Step) -> Tensor:
         attn = ops.tap("attn_out", layer, self.self_attn(ops, ops.rms_norm(x, self.input_layernorm), layer, rope, step))
         h = ops.add(x, attn)
         mlp = ops.tap("mlp_out", layer, self.mlp(ops, ops.rms_norm(h, self.post_attention_layernorm), layer))
         return ops.tap("residual", layer, ops.add(h, mlp))
+
+    def branch_outputs(self) -> list[Linear | Norm]:
+        return [self.self_attn.o_proj, self.mlp.down_proj]
+
+    def stream_norms(self) -> list[Norm]:
+        return [self.input_layernorm, self.post_attention_layernorm]
 
 
 class Model(DecoderModel):

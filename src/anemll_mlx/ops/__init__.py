@@ -1,10 +1,9 @@
-"""The op vocabulary the model files are written in.
-
-Model code never touches ``mx.*`` or ``mb.*`` directly: it calls methods of an ``ops`` object that is
-passed in.  ``MLXOps`` runs them eagerly on MLX arrays (the reference); the MIL backend emits
-coremltools builder calls for the same methods.  The vocabulary is listed in docs/ARCHITECTURE.md.
+"""The op vocabulary (``vocabulary.py``: the ``Ops`` Protocol and the types it passes) and its
+two backends: ``mlx_ops.MLXOps`` (eager, the reference) and ``mil_ops.MILOps`` (coremltools MIL
+builder calls, the export).  Model code never touches ``mx.*`` or ``mb.*`` directly.
 """
 
-from .mlx_ops import MLXOps
+from .mlx_ops import MLXKVCache, MLXOps
+from .vocabulary import Embedding, Linear, Norm, Ops, RoPE, Step, Tensor
 
-__all__ = ["MLXOps"]
+__all__ = ["Embedding", "Linear", "MLXKVCache", "MLXOps", "Norm", "Ops", "RoPE", "Step", "Tensor"]

@@ -25,27 +25,36 @@ import mlx.core as mx
 import numpy as np
 from coremltools.converters.mil import Builder as mb
 
-from ..models.base import Linear, Norm, RoPE, Step
+from .vocabulary import Embedding, Linear, Norm, RoPE, Step
 
 
 def to_numpy(a: mx.array, dtype=np.float16) -> np.ndarray:
     return np.array(a.astype(mx.float32)).astype(dtype)
 
 
-class MILOps:
-    """Emits MIL ops for each vocabulary call.
+# (part, holder, shape, rows) -> the weight as a MIL value: a plain fp16 array, or a LUT op
+WeightFor = Callable[[str, "Linear | Embedding", tuple[int, ...], "range | None"], Any]
 
-    ``weight_for(kind, holder, shape)`` decides how a weight is stored ("ffn", "lm_head" or
-    "embed"): a plain fp16 array by default; the exporter passes one that emits LUT-compressed
-    constexpr ops, memoised so every function of a package gets byte-identical (shared) weights.
+
+def fp16_weight(part: str, holder: Linear | Embedding, shape: tuple[int, ...], rows: range | None = None) -> np.ndarray:
+    """Every weight stored as fp16 (the default without LUTs)."""
+    weight = holder.weight if rows is None else holder.weight[rows.start : rows.stop]
+    return to_numpy(weight).reshape(shape)
+
+
+class MILOps:
+    """Emits MIL ops for each vocabulary call (``vocabulary.Ops``).
+
+    ``weight_for(part, holder, shape, rows)`` decides how a weight of an export part
+    ("embeddings", "ffn", "lm_head") is stored: fp16 by default; the exporter passes a store that
+    emits the LUTs the model declares (``DecoderModel.lut_targets``), memoised so every function of
+    a package gets byte-identical (shared) weights.
     """
 
-    def __init__(
-        self, attention_chunk: int | None = None, weight_for: Callable | None = None, context: int | None = None
-    ):
+    def __init__(self, attention_chunk: int | None = None, weight_for: WeightFor | None = None, context: int | None = None):
         self.attention_chunk = attention_chunk
         self.context = context  # RoPE tables need only this many rows
-        self.weight_for = weight_for or (lambda kind, holder, shape: to_numpy(holder.weight).reshape(shape))
+        self.weight_for: WeightFor = weight_for or fp16_weight
         self._rope_tables: dict[int, tuple[np.ndarray, np.ndarray]] = {}
 
     # --- projections and norms
@@ -55,7 +64,7 @@ class MILOps:
         cout, cin = layer.weight.shape
         x4 = mb.expand_dims(x=mb.transpose(x=x, perm=[0, 2, 1]), axes=[2])
         bias = to_numpy(layer.bias) if "bias" in layer else None
-        y = mb.conv(x=x4, weight=self.weight_for("ffn", layer, (cout, cin, 1, 1)), bias=bias)
+        y = mb.conv(x=x4, weight=self.weight_for("ffn", layer, (cout, cin, 1, 1), None), bias=bias)
         return mb.transpose(x=mb.squeeze(x=y, axes=[2]), perm=[0, 2, 1])
 
     def rms_norm(self, x, norm: Norm):
@@ -67,17 +76,18 @@ class MILOps:
         half = mb.slice_by_index(x=normed, begin=begin, end=end)
         return mb.mul(x=half, y=to_numpy(norm.weight))
 
-    def embed(self, ids, table: mx.array, scale: float):
-        h = mb.gather(x=self.weight_for("embed", _Rows(table, np.arange(table.shape[0]), "embed"), table.shape), indices=ids, axis=0)
+    def embed(self, ids, table: Embedding, scale: float):
+        h = mb.gather(x=self.weight_for("embeddings", table, tuple(table.weight.shape), None), indices=ids, axis=0)
         return h if scale == 1.0 else mb.mul(x=h, y=np.float16(scale))
 
-    def lm_head(self, x, weight: mx.array, sizes: list[int] | None = None) -> list:
-        """Logit pieces (B, T, size) for consecutive row ranges of ``weight``, each one 1x1 conv."""
-        bounds = np.cumsum([0] + list(sizes or [weight.shape[0]]))
+    def lm_head(self, x, head: Linear | Embedding, sizes: list[int] | None = None) -> list:
+        """Logit pieces (B, T, size) for consecutive row ranges of the head's weight, each a 1x1 conv."""
+        vocab, hidden = head.weight.shape
+        bounds = np.cumsum([0] + list(sizes or [vocab]))
         x4 = mb.expand_dims(x=mb.transpose(x=x, perm=[0, 2, 1]), axes=[2])
         out = []
-        for rows in (np.arange(a, b) for a, b in zip(bounds[:-1], bounds[1:])):
-            w = self.weight_for("lm_head", _Rows(weight, rows, "lm_head"), (len(rows), weight.shape[1], 1, 1))
+        for rows in (range(int(a), int(b)) for a, b in zip(bounds[:-1], bounds[1:])):
+            w = self.weight_for("lm_head", head, (len(rows), hidden, 1, 1), rows)
             y = mb.conv(x=x4, weight=w)
             out.append(mb.transpose(x=mb.squeeze(x=y, axes=[2]), perm=[0, 2, 1]))
         return out
@@ -143,17 +153,6 @@ class MILOps:
 
     def tap(self, site: str, layer: int, x):
         return x
-
-
-class _Rows:
-    """Rows of a table (an LM-head piece, the embedding) posing as a Linear for ``weight_for``."""
-
-    def __init__(self, weight: mx.array, rows: np.ndarray, name: str):
-        self.weight = weight[int(rows[0]) : int(rows[-1]) + 1]
-        self.key = f"{name}_{int(rows[0])}_{int(rows[-1]) + 1}"
-
-    def __contains__(self, name: str) -> bool:
-        return False
 
 
 class MILKVCache:
@@ -224,7 +223,7 @@ class MILWindowedKVCache:
             counts[kind] += 1
         self.counts = counts
         self._caches: dict[str, MILKVCache] = {}
-        self._begin = None
+        self._begin: tuple[Any, dict[int, Any]] | None = None  # (current_pos - window, row -> begin)
 
     def _cache(self, kind: str) -> MILKVCache:
         if kind not in self._caches:

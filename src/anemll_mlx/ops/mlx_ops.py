@@ -13,11 +13,11 @@ from typing import Any
 
 import mlx.core as mx
 
-from ..models.base import Linear, Norm, RoPE, Step
+from .vocabulary import Embedding, Linear, Norm, RoPE, Step
 
 
 class MLXOps:
-    """Eager MLX implementation of every op a model file may call."""
+    """Eager MLX implementation of every op a model file may call (``vocabulary.Ops``)."""
 
     # --- projections and norms
 
@@ -29,12 +29,13 @@ class MLXOps:
     def rms_norm(self, x: mx.array, norm: Norm) -> mx.array:
         return mx.fast.rms_norm(x, norm.weight, norm.eps)
 
-    def embed(self, ids: mx.array, table: mx.array, scale: float) -> mx.array:
-        h = table[ids]
+    def embed(self, ids: mx.array, table: Embedding, scale: float) -> mx.array:
+        h = table.weight[ids]
         return h if scale == 1.0 else h * mx.array(scale, dtype=h.dtype)
 
-    def lm_head(self, x: mx.array, weight: mx.array, sizes: list[int] | None = None) -> list[mx.array]:
+    def lm_head(self, x: mx.array, head: Linear | Embedding, sizes: list[int] | None = None) -> list[mx.array]:
         """Logits in pieces of ``sizes`` rows along the vocabulary, as the exported LM head returns them."""
+        weight = head.weight
         if not sizes or len(sizes) == 1:
             return [x @ weight.T]
         cuts = [sum(sizes[: i + 1]) for i in range(len(sizes) - 1)]
@@ -70,7 +71,7 @@ class MLXOps:
 
     def rope(self, x: mx.array, rope: RoPE, step: Step) -> mx.array:
         return mx.fast.rope(
-            x, x.shape[-1], traditional=False, base=None, scale=1.0, offset=step.start, freqs=rope.periods
+            x, x.shape[-1], traditional=False, base=None, scale=1.0, offset=_start(step), freqs=rope.periods
         )
 
     def attention(self, q: mx.array, k: mx.array, v: mx.array, mask: Any, scale: float) -> mx.array:
@@ -98,11 +99,19 @@ class MLXKVCache:
         self.values = [mx.zeros(shape, dtype=dtype) for _ in range(num_layers)]
 
     def update(self, layer: int, k: mx.array, v: mx.array, step: Step) -> tuple[mx.array, mx.array]:
-        end = step.start + k.shape[2]
-        self.keys[layer][:, :, step.start : end, :] = k
-        self.values[layer][:, :, step.start : end, :] = v
+        start = _start(step)
+        end = start + k.shape[2]
+        self.keys[layer][:, :, start:end, :] = k
+        self.values[layer][:, :, start:end, :] = v
         return self.keys[layer][:, :, :end, :], self.values[layer][:, :, :end, :]
 
     @property
     def state(self) -> list[mx.array]:
         return self.keys + self.values
+
+
+def _start(step: Step) -> int:
+    """The first position of an MLX call (MLX steps always know it as a number)."""
+    if step.start is None:
+        raise ValueError("an MLX step needs its start position")
+    return step.start

@@ -7,10 +7,11 @@ the question is only how close each comes to the line.  Agg backend: no display 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 from .recorder import SITES
 
-_STYLE = {
+_STYLE: dict[str, dict[str, Any]] = {
     "residual": {"color": "black", "linewidth": 2.2, "marker": "o"},
     "attn_out": {"color": "tab:blue", "marker": "^"},
     "mlp_hidden": {"color": "tab:green", "marker": "s"},
@@ -32,7 +33,8 @@ def plot_peaks(report: dict, path: str | Path) -> Path:
     try:
         for site in SITES:
             values = [row[site] if row[site] else float("nan") for row in report["layers"]]
-            ax.plot(layers, values, label=site, **{"markersize": 4, "linewidth": 1.2, **_STYLE.get(site, {})})
+            style: dict[str, Any] = {"markersize": 4, "linewidth": 1.2, **_STYLE.get(site, {})}
+            ax.plot(layers, values, label=site, **style)
         if report.get("embedding"):
             ax.plot([-1], [report["embedding"]], "D", color="gray", label="embedding")
         fp16_max = report["fp16_max"]

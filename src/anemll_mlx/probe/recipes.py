@@ -120,9 +120,10 @@ def parse_fp16_scale(text: str) -> float | str | None:
 def decide_fp16_scale(lm: LoadedModel, setting: float | str | None = "auto", **probe_options) -> ScaleDecision:
     """The scale for ``setting``: a number or None as given; ``auto`` takes the matching recipe's
     scale, else runs the probe and takes its recommendation (``probe_options`` go to the probe)."""
+    if isinstance(setting, str) and setting != "auto":
+        setting = parse_fp16_scale(setting)
     if setting != "auto":
-        value = parse_fp16_scale(setting) if isinstance(setting, str) else setting
-        return ScaleDecision(value, "given")
+        return ScaleDecision(float(setting) if setting is not None else None, "given")
     recipe = find_recipe(lm)
     if recipe is not None:
         return ScaleDecision(recipe.fp16_scale, f"recipe {recipe.name}, peak {recipe.published_peak:,.0f}")

@@ -18,14 +18,14 @@ CPU half gemm does exactly that); only the summation order differs, at float32 r
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, cast
 
 import mlx.core as mx
 import numpy as np
 
 from .. import interrupts
-from ..models.base import Linear
 from ..ops.mlx_ops import MLXOps
+from ..ops.vocabulary import Embedding, Linear
 
 # The order in which sites occur within one layer's forward; "embedding" (layer -1) precedes all.
 SITES = ("attn_scores", "attn_out", "mlp_hidden", "mlp_out", "residual")
@@ -96,10 +96,10 @@ class ProbeOps(MLXOps):
             y += _float32(layer.bias)
         return mx.array(y).astype(x.dtype)
 
-    def lm_head(self, x: mx.array, weight: mx.array, sizes: list[int] | None = None) -> list[mx.array]:
+    def lm_head(self, x: mx.array, head: Linear | Embedding, sizes: list[int] | None = None) -> list[mx.array]:
         if not self.numpy_products or (sizes and len(sizes) > 1):
-            return super().lm_head(x, weight, sizes)
-        return [mx.array(_float32(x) @ self._weight(weight).T).astype(x.dtype)]
+            return super().lm_head(x, head, sizes)
+        return [mx.array(_float32(x) @ self._weight(head.weight).T).astype(x.dtype)]
 
     def _grouped(self, a: mx.array, b: mx.array) -> mx.array:
         """a (B, H, T, K) @ b (B, KV, K, N), each group of H // KV query heads sharing one b head."""
@@ -136,7 +136,7 @@ class ProbeOps(MLXOps):
         mx.eval([peak for _, _, peak in self._pending])
         for layer, site, peak in self._pending:
             key = (layer, site)
-            value = peak.item()
+            value = cast(float, peak.item())
             if not math.isnan(value):  # NaN never raises a peak; it still marks the site non-finite
                 self.peaks[key] = max(self.peaks.get(key, 0.0), value)
             if not math.isfinite(value) and (self.first_nonfinite is None or _before(key, self.first_nonfinite)):

@@ -17,6 +17,7 @@ import time
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from importlib import resources
+from typing import cast
 
 import mlx.core as mx
 import numpy as np
@@ -25,10 +26,11 @@ from mlx.utils import tree_map
 from .. import interrupts
 from ..errors import BadArgumentError
 from ..loading import LoadedModel
-from ..models.base import DecoderModel, Norm
+from ..models.base import DecoderModel
 from ..ops.mlx_ops import MLXOps
+from ..ops.vocabulary import Norm
+from ..transforms import apply_fp16_scale
 from .recorder import EMBEDDING, SITES, ProbeOps
-from .scale import apply_fp16_scale
 
 FP16_MAX = 65504.0
 SAFE_FRACTION = 0.75  # a peak above 0.75 x 65504 leaves too little headroom for unseen prompts
@@ -190,7 +192,7 @@ def _greedy(lm: LoadedModel, ids: list[int], max_tokens: int) -> list[int]:
     out: list[int] = []
     *_, logits = _forward(model, ids, cache, 0, ops)
     while len(out) < max_tokens:
-        token = int(mx.argmax(logits[-1]).item())
+        token = cast(int, mx.argmax(logits[-1]).item())
         out.append(token)
         if token in lm.tokenizer.eos_token_ids or len(out) == max_tokens:
             break
@@ -244,7 +246,7 @@ def _cast(model: DecoderModel, params: dict, dtype: mx.Dtype) -> None:
 @contextmanager
 def _scaled(model: DecoderModel, params: dict, alpha: float) -> Iterator[None]:
     """The model scaled by alpha from its float32 weights, in float16; put back as found afterwards."""
-    embed_scale, had = model.embed_scale, getattr(model, "fp16_scale", None)
+    embed_scale, had = model.embed_scale, model.fp16_scale
     norms = [(m, m.eps) for m in model.modules() if isinstance(m, Norm)]
     _cast(model, params, mx.float32)
     try:

@@ -31,6 +31,7 @@ import mlx.core as mx
 import numpy as np
 
 from ..errors import BadArgumentError, UnsupportedError
+from ..format import PARTS
 
 # Index widths Core ML's iOS18 constexpr_lut_to_dense accepts (there is no uint5 or uint7).
 SUPPORTED_BITS = (1, 2, 3, 4, 6, 8)
@@ -86,6 +87,34 @@ class LUTSpec:
 
     def __str__(self) -> str:
         return f"{self.bits},{'t' if self.group_size is None else self.group_size}"
+
+
+@dataclass(frozen=True)
+class LUTConfig:
+    """The LUT of each export part (``format.PARTS``); None leaves a part in fp16.
+
+    One object, one name per part, from the CLI (``--lut``, ``--lut-lm-head``,
+    ``--lut-embeddings``) through the library to meta.yaml.
+    """
+
+    ffn: LUTSpec | None = None
+    lm_head: LUTSpec | None = None
+    embeddings: LUTSpec | None = None
+
+    def __getitem__(self, part: str) -> LUTSpec | None:
+        return getattr(self, part)
+
+    def bits(self) -> dict[str, int | None]:
+        return {part: spec.bits if spec else None for part, spec in self.items()}
+
+    def items(self) -> list[tuple[str, LUTSpec | None]]:
+        return [(part, self[part]) for part in PARTS]
+
+    def __bool__(self) -> bool:
+        return any(spec is not None for _, spec in self.items())
+
+    def __str__(self) -> str:
+        return ", ".join(f"{part} {spec}" for part, spec in self.items() if spec) or "none"
 
 
 def parse_lut_spec(text: str) -> LUTSpec | None:
@@ -436,20 +465,3 @@ def lut_to_mil(lw: LUTWeight, shape: tuple[int, ...], name: str) -> Any:
     indices = lw.indices.reshape(shape).astype(index_dtype)
     lut_shape = (lw.lut.shape[0],) + (1,) * (len(shape) - 1) + (lw.spec.entries, 1)
     return mb.constexpr_lut_to_dense(indices=indices, lut=lw.lut.reshape(lut_shape), name=name)
-
-
-def apply_lut(model, spec: LUTSpec) -> None:
-    """Replace every decoder-layer projection weight with its fitted LUT, dequantized.
-
-    These are the weights ``export --lut SPEC`` palettizes (attention and MLP projections; not the
-    embeddings or LM head), fitted by the same deterministic ``fit_lut``, so the MLX model then
-    computes with exactly the export's weights.  Comparing it with the export separates what
-    quantization costs from what the export itself adds.
-    """
-    from ..models.base import Linear
-
-    for layer in model.model.layers:
-        for module in layer.modules():
-            if isinstance(module, Linear):
-                dense = fit_lut(module.weight, spec).dequantize()
-                module.weight = mx.array(dense).astype(module.weight.dtype)

@@ -17,14 +17,18 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import mlx.core as mx
 import numpy as np
 
+from .. import format as fmt
 from ..errors import BadArgumentError, UnsupportedError
-from ..quant.lut import LUTSpec, parse_lut_spec
-from .export_folder import read_export
+from ..quant.lut import LUTConfig, parse_lut_spec
 from .export_host import ExportHost
+
+if TYPE_CHECKING:
+    from .mil_executor import MILExecutor
 
 MLX_DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
 SPEC_FORMS = "mlx:MODEL[@fp32|fp16|bf16][+scale=A][+lut=SPEC], mil:DIR or coreml:DIR"
@@ -41,7 +45,7 @@ class DriverSpec:
     target: str  # the model (mlx) or the export folder
     dtype: str = "fp32"
     scale: float | None = None
-    lut: LUTSpec | None = None
+    lut: LUTConfig | None = None
 
 
 def parse_spec(spec: str) -> DriverSpec:
@@ -73,12 +77,12 @@ def parse_spec(spec: str) -> DriverSpec:
             scale = math.nan
         if not (math.isfinite(scale) and scale > 0):
             raise BadArgumentError(f"bad scale '{options['scale']}' in driver spec '{spec}': a number > 0")
-    lut = parse_lut_spec(options["lut"]) if "lut" in options else None
-    return DriverSpec(spec, kind, target, dtype, scale, lut)
+    ffn = parse_lut_spec(options["lut"]) if "lut" in options else None
+    return DriverSpec(spec, kind, target, dtype, scale, LUTConfig(ffn=ffn) if ffn else None)
 
 
 class MLXDriver:
-    """Our MLX model behind the driver interface, with a fixed-size cache of ``context`` tokens."""
+    """Our MLX model behind the driver interface, with a fixed-size cache of up to ``context`` tokens."""
 
     def __init__(self, lm, name: str, context: int | None = None):
         self.lm = lm
@@ -88,8 +92,9 @@ class MLXDriver:
         self.context_length = min(context or MLX_CONTEXT, lm.model.args.max_position_embeddings)
         self.reset()
 
-    def reset(self) -> None:
-        self.cache = self.lm.model.make_cache(self.context_length)
+    def reset(self, capacity: int | None = None) -> None:
+        """Start over with an empty cache of ``capacity`` positions (at most the context; all of it by default)."""
+        self.cache = self.lm.model.make_cache(min(capacity or self.context_length, self.context_length))
         self.position = 0
 
     def _run(self, ids: Sequence[int]) -> np.ndarray:
@@ -107,16 +112,15 @@ class MLXDriver:
 class MILRunner:
     """Runs export programs with our executor; one state dict shared by every program and function."""
 
-    def __init__(self):
-        from .mil_executor import MILExecutor
-
-        self._load = MILExecutor.load
-        self.programs: dict[str, object] = {}
-        self.states: dict = {}
+    def __init__(self) -> None:
+        self.programs: dict[str, MILExecutor] = {}
+        self.states: dict[str, mx.array] = {}
 
     def run(self, program: str, function: str | None, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         if program not in self.programs:
-            self.programs[program] = self._load(program)
+            from .mil_executor import MILExecutor  # coremltools is imported only when an export runs
+
+            self.programs[program] = MILExecutor.load(program)
         executor = self.programs[program]
         name = function or executor.functions[0]
         out = executor.run(name, inputs, self.states)
@@ -129,7 +133,7 @@ class MILRunner:
 class CoreMLRunner:
     """Runs export programs with Core ML on the Neural Engine, as ANEMLL's runtimes do (macOS 15+)."""
 
-    def __init__(self):
+    def __init__(self) -> None:
         if platform.system() != "Darwin":
             raise UnsupportedError(
                 f"the coreml driver needs macOS with Core ML (this is {platform.system()}): use mil:EXPORT_DIR here"
@@ -137,8 +141,8 @@ class CoreMLRunner:
         import coremltools as ct
 
         self.ct = ct
-        self.models: dict[tuple[str, str | None], object] = {}
-        self.state = None
+        self.models: dict[tuple[str, str | None], Any] = {}
+        self.state: Any = None
 
     def _model(self, program: str, function: str | None):
         key = (program, function)
@@ -169,17 +173,14 @@ def open_driver(spec: str | DriverSpec, context: int | None = None):
     spec = parse_spec(spec) if isinstance(spec, str) else spec
     if spec.kind == "mlx":
         from ..loading import load
+        from ..transforms import apply_fp16_scale, apply_lut
 
         lm = load(spec.target, MLX_DTYPES[spec.dtype])
         if spec.scale is not None:
-            from ..probe.scale import apply_fp16_scale
-
             apply_fp16_scale(lm.model, spec.scale)
         if spec.lut is not None:
-            from ..quant.lut import apply_lut
-
             apply_lut(lm.model, spec.lut)
         return MLXDriver(lm, spec.text, context)
-    export = read_export(Path(spec.target), prefer_compiled=spec.kind == "coreml")
+    export = fmt.read_export(Path(spec.target), prefer_compiled=spec.kind == "coreml")
     runner = MILRunner() if spec.kind == "mil" else CoreMLRunner()
     return ExportHost(export, runner, spec.text)

@@ -3,8 +3,8 @@
 Host logic only: embed the tokens, run every chunk's ``prefill`` over full batches (the last one
 padded, its padding hidden by the causal mask) or ``infer`` for one token, then the LM head on
 the last real position.  The KV state(s) are shared by all chunks and functions.  Gemma3 exports
-whose context exceeds their sliding window W (``model_info.parameters.sliding_window``) have
-``infer_rotate`` and ``prefill_rotate`` too, called instead once a call's current_pos >= W.  The
+whose context exceeds their sliding window W (meta.yaml gives it) have rotate variants of both
+functions, called instead once a call's current_pos >= W (``format.host_function``).  The
 ``mil`` driver plugs in our executor; the ``coreml`` driver plugs in Core ML.
 """
 
@@ -15,8 +15,9 @@ from typing import Protocol
 
 import numpy as np
 
+from .. import format as fmt
 from ..errors import UnsupportedError, UserError
-from .export_folder import ExportFolder
+from ..loading.tokenizer import Tokenizer
 
 
 class ProgramRunner(Protocol):
@@ -27,37 +28,27 @@ class ProgramRunner(Protocol):
     def reset_state(self) -> None: ...
 
 
-def causal_mask(start: int, tokens: int, context: int) -> np.ndarray:
-    """(1, 1, tokens, context) fp16: 0 where key j <= query position, -inf elsewhere."""
-    q = np.arange(start, start + tokens)[:, None]
-    return np.where(np.arange(context)[None] <= q, 0.0, -np.inf).astype(np.float16)[None, None]
-
-
 class ExportHost:
-    def __init__(self, export: ExportFolder, runner: ProgramRunner, name: str):
-        if export.argmax_in_model:
+    def __init__(self, export: fmt.ExportFolder, runner: ProgramRunner, name: str):
+        meta = export.meta
+        if meta.argmax_in_model:
             raise UnsupportedError(
                 f"{export.path} computes argmax inside the LM head, so it returns no logits to compare: "
                 "export without --argmax-in-model"
             )
         self.export = export
+        self.meta = meta
         self.runner = runner
         self.name = name
-        self.context_length = export.context
-        sizes = export.head_sizes
-        self.vocab_size = sum(sizes) if sizes else int(export.params.get("vocab_size", 0))
+        self.context_length = meta.context
+        self.vocab_size = meta.vocab_size or 0
         self.position = 0
-        self._tokenizer = None
-        window = export.params.get("sliding_window")
-        # rotate functions exist only when the window bites within the context
-        self.window = int(window) if window and int(window) < self.context_length else None
+        self._tokenizer: Tokenizer | None = None
 
     @property
-    def tokenizer(self):
+    def tokenizer(self) -> Tokenizer:
         """The tokenizer files copied into the export (loaded on first use)."""
         if self._tokenizer is None:
-            from ..loading.tokenizer import Tokenizer
-
             self._tokenizer = Tokenizer.from_folder(self.export.path)
         return self._tokenizer
 
@@ -65,40 +56,29 @@ class ExportHost:
         self.runner.reset_state()
         self.position = 0
 
-    def _function(self, kind: str, start: int, tokens: int) -> str:
-        """``infer``/``prefill`` or, past the sliding window, their ``_rotate`` variant."""
-        if self.window is None:
-            return kind
-        if start < self.window < start + tokens:
-            raise UnsupportedError(
-                f"a {tokens}-token call at position {start} straddles the sliding window {self.window}: "
-                "the export's batch size must divide its window"
-            )
-        return f"{kind}_rotate" if start >= self.window else kind
-
-    def _layers(self, hidden: np.ndarray, start: int, tokens: int, function: str) -> np.ndarray:
-        function = self._function(function, start, tokens)
-        inputs = {
-            "position_ids": np.arange(start, start + tokens, dtype=np.int32),
-            "causal_mask": causal_mask(start, tokens, self.context_length),
-            "current_pos": np.array([start], dtype=np.int32),
+    def _layers(self, hidden: np.ndarray, start: int, tokens: int, kind: str) -> np.ndarray:
+        function = fmt.host_function(kind, start, tokens, self.meta.window)
+        inputs: dict[str, np.ndarray] = {
+            fmt.POSITION_IDS: np.arange(start, start + tokens, dtype=np.int32),
+            fmt.CAUSAL_MASK: fmt.causal_mask(start, tokens, self.context_length).astype(np.float16),
+            fmt.CURRENT_POS: np.array([start], dtype=np.int32),
         }
         for chunk in self.export.chunks:
-            hidden = self.runner.run(str(chunk), function, {"hidden_states": hidden, **inputs})["output_hidden_states"]
+            out = self.runner.run(str(chunk), function, {fmt.HIDDEN_STATES: hidden, **inputs})
+            hidden = out[fmt.OUTPUT_HIDDEN_STATES]
         return hidden
 
     def _logits(self, hidden: np.ndarray) -> np.ndarray:
-        out = self.runner.run(str(self.export.lm_head), None, {"hidden_states": hidden.astype(np.float16)})
-        pieces = sorted((k for k in out if k.startswith("logits")), key=lambda k: int(k[len("logits") :] or 0))
-        return np.concatenate([np.asarray(out[k], dtype=np.float32).reshape(-1) for k in pieces])
+        out = self.runner.run(str(self.export.lm_head), None, {fmt.HIDDEN_STATES: hidden.astype(np.float16)})
+        return np.concatenate([np.asarray(out[k], dtype=np.float32).reshape(-1) for k in fmt.logits_pieces(list(out))])
 
     def _embed(self, ids: np.ndarray) -> np.ndarray:
-        return self.runner.run(str(self.export.embeddings), None, {"input_ids": ids})["hidden_states"]
+        return self.runner.run(str(self.export.embeddings), None, {fmt.INPUT_IDS: ids})[fmt.HIDDEN_STATES]
 
     def prefill(self, token_ids: Sequence[int]) -> np.ndarray:
         """Logits (vocab,) after the prompt, which is processed in full ``batch``-token calls."""
         ids = list(token_ids)
-        batch = self.export.batch
+        batch = self.meta.batch
         if not ids:
             raise UserError("cannot prefill an empty prompt")
         if self.position + len(ids) > self.context_length:
@@ -111,9 +91,10 @@ class ExportHost:
             padded = np.zeros((1, batch), dtype=np.int32)
             padded[0, : len(piece)] = piece
             pos = self.position + start
-            hidden = self._layers(self._embed(padded), pos, batch, "prefill")
+            hidden = self._layers(self._embed(padded), pos, batch, fmt.PREFILL)
             last_hidden = hidden[:, len(piece) - 1 : len(piece), :]
         self.position += len(ids)
+        assert last_hidden is not None
         return self._logits(last_hidden)
 
     def decode(self, token_id: int) -> np.ndarray:
@@ -121,6 +102,6 @@ class ExportHost:
         if self.position >= self.context_length:
             raise UserError(f"the export's context of {self.context_length} tokens is full")
         hidden = self._embed(np.array([[token_id]], dtype=np.int32))
-        hidden = self._layers(hidden, self.position, 1, "infer")
+        hidden = self._layers(hidden, self.position, 1, fmt.INFER)
         self.position += 1
         return self._logits(hidden)

@@ -1,0 +1,447 @@
+"""The ANEMLL export format, owned here and nowhere else.
+
+ANEMLL's runtimes (its chat.py, the Swift anemllcli, the ANEMLLChat app) load an export folder by
+names: file stems, meta.yaml keys, function names, input/output and state names.  Those strings are
+an interface, so they live in this one module: ``export/`` writes through it, ``runtime/`` reads
+through it and ``inspect`` checks against it.  Facts from ANEMLL 0.3.5 (shared/notes/anemll-format.md);
+what we add (our ``anemll_mlx`` section, Gemma3's split cache) is marked as ours.
+
+Layout of a folder:
+    {prefix}_embeddings[_lutB].mlpackage        input_ids (1, T) -> hidden_states (1, T, H)
+    {prefix}_FFN_PF[_lutB]_chunk_NNofMM.mlpackage
+        functions infer (T = 1) and prefill (T = batch), [infer_rotate, prefill_rotate]:
+        hidden_states, position_ids, causal_mask, current_pos + the KV state -> output_hidden_states
+    {prefix}_lm_head[_lutB].mlpackage           hidden_states (1, 1, H) -> logits1..N | argmax_idx/val
+    meta.yaml, config.json, tokenizer files
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import yaml
+
+from .errors import BadArgumentError, CorruptModelError, ModelNotFoundError
+
+# --- parts and their LUT settings ---------------------------------------------------------------
+
+PARTS = ("embeddings", "ffn", "lm_head")  # the one name of each part: CLI, library and our meta
+ANEMLL_LUT_NAMES = {"embeddings": "embeddings", "ffn": "ffn", "lm_head": "lmhead"}  # meta.yaml lut_{name}
+
+# model_type -> what ANEMLL calls the architecture (meta.yaml, and the default file prefix)
+ARCHITECTURES = {"llama": "llama", "qwen3": "qwen", "qwen2": "qwen25", "gemma3_text": "gemma3"}
+
+
+# --- file stems ---------------------------------------------------------------------------------
+
+
+def _lut_tag(bits: int | None) -> str:
+    return f"_lut{bits}" if bits else ""
+
+
+@dataclass(frozen=True)
+class PartFiles:
+    """File stems of an export's programs (no suffix: .mlpackage, or .mlmodelc once compiled)."""
+
+    embeddings: str
+    chunks: list[str]
+    lm_head: str
+
+    @classmethod
+    def named(cls, prefix: str, lut_bits: dict[str, int | None], chunks: int) -> PartFiles:
+        ffn = f"{prefix}_FFN_PF{_lut_tag(lut_bits.get('ffn'))}"
+        return cls(
+            embeddings=f"{prefix}_embeddings{_lut_tag(lut_bits.get('embeddings'))}",
+            chunks=[f"{ffn}_chunk_{i + 1:02d}of{chunks:02d}" for i in range(chunks)],
+            lm_head=f"{prefix}_lm_head{_lut_tag(lut_bits.get('lm_head'))}",
+        )
+
+    def all(self) -> list[str]:
+        return [self.embeddings, *self.chunks, self.lm_head]
+
+
+def chunk_stems(first: str, total: int) -> list[str]:
+    """ANEMLL names chunk NN of MM by replacing the ``_chunk_01ofMM`` of the first chunk's name."""
+    first = _stem(first)
+    marker = f"_chunk_01of{total:02d}"
+    if marker not in first:
+        raise CorruptModelError(f"meta.yaml ffn '{first}' does not end in {marker}")
+    return [first.replace(marker, f"_chunk_{i + 1:02d}of{total:02d}") for i in range(total)]
+
+
+def _stem(name: str) -> str:
+    return name.removesuffix(".mlmodelc").removesuffix(".mlpackage")
+
+
+# --- functions, inputs, outputs -----------------------------------------------------------------
+
+INFER, PREFILL = "infer", "prefill"
+ROTATE = "_rotate"  # Gemma3 past its sliding window (ours): infer_rotate, prefill_rotate
+
+INPUT_IDS = "input_ids"
+HIDDEN_STATES = "hidden_states"
+POSITION_IDS = "position_ids"
+CAUSAL_MASK = "causal_mask"
+CURRENT_POS = "current_pos"
+OUTPUT_HIDDEN_STATES = "output_hidden_states"
+ARGMAX_IDX, ARGMAX_VAL = "argmax_idx", "argmax_val"
+CHUNK_INPUTS = (HIDDEN_STATES, POSITION_IDS, CAUSAL_MASK, CURRENT_POS)
+
+
+@dataclass(frozen=True)
+class ChunkFunction:
+    name: str
+    tokens: int
+    rotate: bool
+
+
+def chunk_functions(batch: int, rotate: bool) -> list[ChunkFunction]:
+    """The functions every FFN chunk holds: ``infer`` (1 token) and ``prefill`` (a batch), plus
+    their ``_rotate`` variants when the export has a split cache (see ``split_window``)."""
+    kinds = [ChunkFunction(INFER, 1, False), ChunkFunction(PREFILL, batch, False)]
+    if rotate:
+        kinds += [ChunkFunction(f.name + ROTATE, f.tokens, True) for f in kinds]
+    return kinds
+
+
+def host_function(kind: str, start: int, tokens: int, window: int | None) -> str:
+    """Which function a host calls for ``tokens`` tokens at ``start``: the ``_rotate`` variant once
+    the call starts at or past the sliding window ``window`` (a split-cache export), else ``kind``."""
+    if window is None:
+        return kind
+    if start < window < start + tokens:
+        raise BadArgumentError(
+            f"a {tokens}-token call at position {start} straddles the sliding window {window}: "
+            "the export's batch size must divide its window"
+        )
+    return kind + ROTATE if start >= window else kind
+
+
+def logits_name(piece: int) -> str:
+    """Output name of LM-head piece ``piece`` (from 0): logits1, logits2, ..."""
+    return f"logits{piece + 1}"
+
+
+def logits_pieces(names: list[str]) -> list[str]:
+    """The logits outputs among ``names``, in vocabulary order."""
+    pieces = [n for n in names if n.startswith("logits") and n[len("logits") :].isdigit()]
+    return sorted(pieces, key=lambda n: int(n[len("logits") :]))
+
+
+# --- the KV state -------------------------------------------------------------------------------
+
+KV_STATE = "model.model.kv_cache_0"  # ANEMLL's name for the one shared state
+KV_STATE_STORED = "model_model_kv_cache_0"  # ML Program names allow only [A-Za-z0-9_]
+LOCAL_STATE, GLOBAL_STATE = "kv_cache_local", "kv_cache_global"  # ours: Gemma3 past its window
+
+
+@dataclass(frozen=True)
+class KVState:
+    """One state: keys of its i-th layer in row i, values in row len(layers) + i."""
+
+    name: str
+    shape: tuple[int, int, int, int]  # (2 * layers, kv heads, context, head dim)
+    layers: tuple[int, ...]  # the model layers it holds, in row order
+
+
+def split_window(window: int | None, context: int, sliding: list[bool]) -> int | None:
+    """The sliding window W when an export of ``context`` positions needs a split cache (some layer
+    slides and the window bites within the context), else None: then one state serves every layer
+    under the host's causal mask, which is exact because the window never bites."""
+    if window is None or context <= window or not any(sliding):
+        return None
+    return int(window)
+
+
+def kv_states(sliding: list[bool], kv_heads: int, head_dim: int, context: int, window: int | None) -> list[KVState]:
+    """ANEMLL's one state, or with a split cache a local state (sliding layers) and a global one
+    (the others), both over the whole context (positions are absolute); an empty one is left out."""
+    layers = len(sliding)
+    if split_window(window, context, sliding) is None:
+        return [KVState(KV_STATE, (2 * layers, kv_heads, context, head_dim), tuple(range(layers)))]
+    groups = {
+        LOCAL_STATE: tuple(i for i in range(layers) if sliding[i]),
+        GLOBAL_STATE: tuple(i for i in range(layers) if not sliding[i]),
+    }
+    return [KVState(name, (2 * len(rows), kv_heads, context, head_dim), rows) for name, rows in groups.items() if rows]
+
+
+def stored_state_name(name: str) -> str:
+    return name.replace(".", "_")
+
+
+# --- masks --------------------------------------------------------------------------------------
+
+
+def causal_mask(start: int, tokens: int, width: int, window: int | None = None) -> np.ndarray:
+    """Additive mask (1, 1, tokens, width), float32: 0 where query ``start + t`` may see key ``j``,
+    -inf elsewhere.  A key is visible when it is not in the future and, with a sliding ``window``,
+    fewer than ``window`` positions back (the query itself included), as Hugging Face's Gemma3
+    masks it.  Hosts pass it (cast to fp16) as ``causal_mask``; the MLX reference uses it too."""
+    q = np.arange(start, start + tokens)[:, None]
+    k = np.arange(width)[None]
+    visible = k <= q
+    if window is not None:
+        visible &= k > q - window
+    return np.where(visible, np.float32(0.0), np.float32(-np.inf))[None, None]
+
+
+def band_mask(window: int, tokens: int) -> np.ndarray:
+    """(1, 1, tokens, window + tokens) fp16 mask of a rotate function's sliding layers: key i is
+    position current_pos - window + i, so query t sees it iff t < i <= window + t."""
+    t = np.arange(tokens)[:, None]
+    i = np.arange(window + tokens)[None]
+    return np.where((i > t) & (i <= window + t), 0.0, -np.inf).astype(np.float16)[None, None]
+
+
+# --- meta.yaml ----------------------------------------------------------------------------------
+
+META = "meta.yaml"
+_INFO = "model_info"
+_PARAMS = "parameters"
+_OURS = "anemll_mlx"
+MODEL_INFO_KEYS = ("name", "version", "architecture", _PARAMS)
+_REQUIRED = ("context_length", "batch_size", "num_chunks", "model_prefix", "embeddings", "lm_head", "ffn")
+
+
+@dataclass(frozen=True)
+class LUTSetting:
+    """What meta.yaml says of one part's palettization: bits and output channels per table (None:
+    one table for the whole tensor)."""
+
+    bits: int
+    group_size: int | None
+
+
+@dataclass
+class ExportMeta:
+    """Everything meta.yaml holds, by meaning rather than by key.
+
+    ``ours`` is False for exports made by ANEMLL itself (no ``anemll_mlx`` section); the fields
+    of that section are then None.
+    """
+
+    name: str
+    description: str
+    license: str
+    architecture: str
+    context: int
+    batch: int
+    lut: dict[str, LUTSetting | None]  # part -> setting
+    prefix: str
+    files: PartFiles
+    head_sizes: list[int] | None
+    vocab_size: int | None
+    argmax_in_model: bool = False
+    sliding_window: int | None = None
+    recommended_sampling: dict | None = None
+    version: str = ""
+    # our own section
+    ours: bool = True
+    source: str | None = None
+    source_sha256: str | None = None
+    model_type: str | None = None
+    fp16_scale: float | None = None
+    attention_chunk: int | None = None
+    hidden_size: int | None = None
+    num_layers: int | None = None
+    chunk_layers: list[range] | None = None
+    kv_states: list[KVState] | None = None
+    missing_info: list[str] = field(default_factory=list)  # model_info keys ANEMLL reads that are absent
+
+    @property
+    def split_lm_head(self) -> int:
+        return len(self.head_sizes) if self.head_sizes else 1
+
+    @property
+    def window(self) -> int | None:
+        """The sliding window when the export has rotate functions (window < context), else None."""
+        w = self.sliding_window
+        return int(w) if w and int(w) < self.context else None
+
+    # writing
+
+    def to_yaml(self) -> str:
+        params: dict[str, Any] = {"context_length": self.context, "batch_size": self.batch}
+        for part in PARTS:
+            key = f"lut_{ANEMLL_LUT_NAMES[part]}"
+            setting = self.lut.get(part)
+            params[key] = "none" if setting is None else setting.bits
+            if setting is not None:
+                params[f"{key}_per_channel"] = setting.group_size or 0
+        params.update(
+            {
+                "num_chunks": len(self.files.chunks),
+                "model_prefix": self.prefix,
+                "embeddings": self.files.embeddings,
+                "lm_head": self.files.lm_head,
+                "ffn": self.files.chunks[0],
+                "split_lm_head": self.split_lm_head,
+                "vocab_size": self.vocab_size,
+                "lm_head_chunk_sizes": self.head_sizes,
+                "argmax_in_model": self.argmax_in_model,
+            }
+        )
+        if self.sliding_window:
+            params["sliding_window"] = self.sliding_window
+        if self.recommended_sampling:
+            params["recommended_sampling"] = self.recommended_sampling
+        info = {
+            "name": self.name,
+            "version": self.version,
+            "description": self.description,
+            "license": self.license,
+            "author": "anemll-mlx",
+            "framework": "Core ML",
+            "language": "Python",
+            "architecture": self.architecture,
+            _PARAMS: params,
+        }
+        ours: dict[str, Any] = {
+            "version": self.version,
+            "source": self.source,
+            "source_sha256": self.source_sha256,
+            "model_type": self.model_type,
+            "fp16_scale": self.fp16_scale,
+            "attention_chunk": self.attention_chunk,
+            "hidden_size": self.hidden_size,
+            "num_layers": self.num_layers,
+            "chunk_layers": [[r.start, r.stop] for r in self.chunk_layers or []],
+        }
+        states = self.kv_states or []
+        if len(states) == 1 and states[0].name == KV_STATE:
+            ours["kv_state"] = {"name": KV_STATE, "shape": list(states[0].shape)}
+        else:  # the split cache: hosts call the _rotate functions once current_pos >= sliding_window
+            ours["kv_states"] = [{"name": s.name, "shape": list(s.shape), "layers": list(s.layers)} for s in states]
+        return yaml.safe_dump({_INFO: info, _OURS: ours}, sort_keys=False)
+
+    # reading
+
+    @classmethod
+    def from_yaml(cls, text: str, where: str) -> ExportMeta:
+        """Read meta.yaml (ours or ANEMLL's); malformed files raise CorruptModelError."""
+        try:
+            meta = yaml.safe_load(text)
+            info = meta[_INFO]
+            params = info[_PARAMS]
+        except (yaml.YAMLError, KeyError, TypeError) as e:
+            raise CorruptModelError(f"{where} is malformed ({type(e).__name__}: {e})") from None
+        missing = [k for k in _REQUIRED if k not in params]
+        if missing:
+            raise CorruptModelError(f"{where} lacks {_INFO}.{_PARAMS}.{', '.join(missing)}")
+        try:
+            context, batch, chunks = int(params["context_length"]), int(params["batch_size"]), int(params["num_chunks"])
+            sizes = params.get("lm_head_chunk_sizes")
+            head_sizes = [int(s) for s in sizes] if sizes else None
+            lut = {part: _read_lut(params, ANEMLL_LUT_NAMES[part]) for part in PARTS}
+        except (TypeError, ValueError) as e:
+            raise CorruptModelError(f"{where} has a malformed number ({e})") from None
+        vocab = params.get("vocab_size")
+        ours = meta.get(_OURS) or {}
+        return cls(
+            name=str(info.get("name", "")),
+            description=str(info.get("description", "")),
+            license=str(info.get("license", "")),
+            architecture=str(info.get("architecture", "")),
+            version=str(info.get("version", "")),
+            context=context,
+            batch=batch,
+            lut=lut,
+            prefix=str(params["model_prefix"]),
+            files=PartFiles(
+                embeddings=_stem(str(params["embeddings"])),
+                chunks=chunk_stems(str(params["ffn"]), chunks),
+                lm_head=_stem(str(params["lm_head"])),
+            ),
+            head_sizes=head_sizes,
+            vocab_size=int(vocab) if vocab else (sum(head_sizes) if head_sizes else None),
+            argmax_in_model=bool(params.get("argmax_in_model", False)),
+            sliding_window=params.get("sliding_window"),
+            recommended_sampling=params.get("recommended_sampling"),
+            ours=bool(ours),
+            source=ours.get("source"),
+            source_sha256=ours.get("source_sha256"),
+            model_type=ours.get("model_type"),
+            fp16_scale=ours.get("fp16_scale"),
+            attention_chunk=ours.get("attention_chunk"),
+            hidden_size=ours.get("hidden_size"),
+            num_layers=ours.get("num_layers"),
+            chunk_layers=[range(a, b) for a, b in ours["chunk_layers"]] if ours.get("chunk_layers") else None,
+            kv_states=_read_states(ours),
+            missing_info=[k for k in MODEL_INFO_KEYS if k not in info],
+        )
+
+
+def _read_lut(params: dict, name: str) -> LUTSetting | None:
+    bits = params.get(f"lut_{name}", "none")
+    if bits in (None, "none", False):
+        return None
+    group = params.get(f"lut_{name}_per_channel")
+    return LUTSetting(int(bits), int(group) if group else None)
+
+
+def _read_states(ours: dict) -> list[KVState] | None:
+    if "kv_state" in ours:
+        state = ours["kv_state"]
+        shape = tuple(state["shape"])
+        return [KVState(state["name"], shape, tuple(range(shape[0] // 2)))]
+    if "kv_states" in ours:
+        return [KVState(s["name"], tuple(s["shape"]), tuple(s.get("layers", ()))) for s in ours["kv_states"]]
+    return None
+
+
+# --- an export folder on disk -------------------------------------------------------------------
+
+
+@dataclass
+class ExportFolder:
+    """An export folder: its meta.yaml and the program files it names."""
+
+    path: Path
+    meta: ExportMeta
+    embeddings: Path
+    chunks: list[Path]
+    lm_head: Path
+
+    def programs(self) -> list[Path]:
+        return [self.embeddings, *self.chunks, self.lm_head]
+
+
+def _program(folder: Path, stem: str, prefer_compiled: bool, must_exist: bool) -> Path:
+    """The .mlmodelc (when preferred and present) or .mlpackage for a file stem.  Without
+    ``must_exist`` a missing program comes back as its .mlpackage path, for ``inspect`` to report."""
+    order = (".mlmodelc", ".mlpackage") if prefer_compiled else (".mlpackage", ".mlmodelc")
+    for suffix in order:
+        if (folder / f"{stem}{suffix}").exists():
+            return folder / f"{stem}{suffix}"
+    if not must_exist:
+        return folder / f"{stem}.mlpackage"
+    raise CorruptModelError(f"{folder} lacks {stem}.mlpackage (named in {META})")
+
+
+def read_export(folder: str | Path, prefer_compiled: bool = False, must_exist: bool = True) -> ExportFolder:
+    """The export in ``folder``; ``must_exist=False`` tolerates missing programs (for ``inspect``)."""
+    path = Path(folder)
+    if path.is_file():
+        raise BadArgumentError(f"{path} is a file, not an export folder (the folder export --out wrote)")
+    if not path.is_dir():
+        raise ModelNotFoundError(f"no such export folder: {path}")
+    meta_path = path / META
+    if not meta_path.exists():
+        raise ModelNotFoundError(f"{path} has no {META}: not an export folder")
+    meta = ExportMeta.from_yaml(meta_path.read_text(encoding="utf-8"), str(meta_path))
+    files = meta.files
+    return ExportFolder(
+        path=path,
+        meta=meta,
+        embeddings=_program(path, files.embeddings, prefer_compiled, must_exist),
+        chunks=[_program(path, stem, prefer_compiled, must_exist) for stem in files.chunks],
+        lm_head=_program(path, files.lm_head, prefer_compiled, must_exist),
+    )
+
+
+def write_meta(folder: Path, meta: ExportMeta) -> None:
+    (folder / META).write_text(meta.to_yaml(), encoding="utf-8")
