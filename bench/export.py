@@ -7,6 +7,9 @@ The LUT-fit comparison with coremltools lives in bench/lut.py.
 
 from __future__ import annotations
 
+import anemll_mlx  # noqa: F401  (first, before mlx.core: the fast BLAS goes under MLX, see blas.py)
+
+# isort: split
 import argparse
 import os
 import shutil

@@ -9,6 +9,9 @@ i.e. the fixed-shape KV cache costs nothing.
 
 from __future__ import annotations
 
+import anemll_mlx  # noqa: F401  (first, before mlx.core: the fast BLAS goes under MLX, see blas.py)
+
+# isort: split
 import argparse
 import time
 

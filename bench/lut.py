@@ -12,6 +12,9 @@ Run: .venv/bin/python bench/lut.py [--quick]   (--quick: attention and gaussian 
 
 from __future__ import annotations
 
+import anemll_mlx  # noqa: F401  (first, before mlx.core: the fast BLAS goes under MLX, see blas.py)
+
+# isort: split
 import argparse
 import importlib.util
 import os

@@ -8,6 +8,9 @@ the total against the target, and the figures the probe found.  Loading the GGUF
 
 from __future__ import annotations
 
+import anemll_mlx  # noqa: F401  (first, before mlx.core: the fast BLAS goes under MLX, see blas.py)
+
+# isort: split
 import argparse
 import time
 

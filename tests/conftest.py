@@ -3,13 +3,19 @@ optional SmolLM2 GGUF file."""
 
 from __future__ import annotations
 
+import anemll_mlx  # noqa: F401  (first, before mlx.core: the fast BLAS goes under MLX, see blas.py)
+
+# isort: split
 import os
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
+from anemll_mlx import blas
 from tiny_models import ARCHS, make_tiny_model
+
+blas.limit_numpy_threads()  # as the CLI does: one BLAS thread per library on these 2 cores
 
 SMOLLM2_GGUF_DEFAULT = Path("/root/.cache/anemll-mlx/SmolLM2-135M-Instruct.Q4_1.gguf")
 

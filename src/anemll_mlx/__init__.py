@@ -2,6 +2,10 @@
 
 import logging
 
+from . import blas
+
+blas.load()  # before anything imports mlx.core: a fast BLAS under MLX on Linux (see blas.py)
+
 __version__ = "0.1.0"
 
 

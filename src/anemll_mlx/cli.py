@@ -39,6 +39,18 @@ app = typer.Typer(
 console = Console(stderr=True)
 
 
+@app.callback()
+def _options(
+    verbose: Annotated[bool, typer.Option("--verbose", help="Say which BLAS runs under MLX")] = False,
+) -> None:
+    """LLMs defined once on MLX, exported to chunked Core ML programs for the Apple Neural Engine."""
+    from . import blas
+
+    blas.limit_numpy_threads()
+    if verbose:
+        print(blas.status(), file=sys.stderr)
+
+
 @contextmanager
 def user_errors() -> Iterator[None]:
     """UserError -> one ``error:`` line, exit 2; SIGINT/SIGTERM -> one line, exit 130/143.
