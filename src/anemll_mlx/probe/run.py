@@ -17,7 +17,6 @@ import time
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from importlib import resources
-from typing import cast
 
 import mlx.core as mx
 import numpy as np
@@ -88,13 +87,16 @@ def probe(
         raise BadArgumentError(f"--max-tokens must be >= 0, got {max_tokens}")
     model = lm.model
     original = model.parameters()
-    # runs: generation, float32, float16, bfloat16, scaled, one per clamp threshold
-    meter = _Meter(progress, len(prompts), runs=5 + len(CLAMP_THRESHOLDS))
+    # runs: float32 (greedy tokens and the reference), float16, bfloat16, scaled, one per clamp threshold
+    meter = _Meter(progress, len(prompts), runs=4 + len(CLAMP_THRESHOLDS))
     try:
         _cast(model, original, mx.float32)
-        sequences = [_calibration_tokens(lm, p, max_tokens, chat) for p in meter.each(prompts, "generate")]
         fp32 = ProbeOps()
-        reference = _predict(model, meter.each(sequences, "float32"), fp32)
+        sequences, reference = [], []
+        for prompt in meter.each(prompts, "float32"):
+            sequence, predicted = _calibration_run(lm, prompt, max_tokens, chat, fp32)
+            sequences.append(sequence)
+            reference.append(predicted)
 
         _cast(model, original, mx.float16)
         fp16 = ProbeOps()
@@ -167,10 +169,16 @@ def verdict(needs_scaling: bool, alpha: float | None, first: tuple[int, str] | N
 # --- runs
 
 
-def _calibration_tokens(lm: LoadedModel, prompt: str, max_tokens: int, chat: bool) -> list[int]:
-    """The prompt's ids (chat template when the tokenizer has one) plus float32 greedy continuation.
+def _calibration_run(
+    lm: LoadedModel, prompt: str, max_tokens: int, chat: bool, ops: ProbeOps
+) -> tuple[list[int], np.ndarray]:
+    """The reference run of one prompt, recorded by ``ops``: the prompt's ids (chat template when
+    the tokenizer has one) plus up to ``max_tokens`` greedy tokens (through an EOS), and the argmax
+    at every position of that sequence, as a teacher-forced pass over it would give.
 
-    A prompt longer than the model's context is cut to fit: it still calibrates, only shorter.
+    Generating and recording in one pass saves a whole float32 run: every token of the sequence
+    goes through the model once (the last one too, for its prediction).  A prompt longer than the
+    model's context is cut to fit: it still calibrates, only shorter.
     """
     ids = lm.tokenizer.encode_prompt(prompt, chat)
     if not ids:
@@ -179,26 +187,24 @@ def _calibration_tokens(lm: LoadedModel, prompt: str, max_tokens: int, chat: boo
     if max_tokens >= context:
         raise BadArgumentError(f"--max-tokens {max_tokens} leaves no room for a prompt in the context {context}")
     ids = ids[: context - max_tokens]
-    return ids + _greedy(lm, ids, max_tokens)
-
-
-def _greedy(lm: LoadedModel, ids: list[int], max_tokens: int) -> list[int]:
-    """Up to ``max_tokens`` greedy tokens after ``ids`` (through an EOS), computed with ProbeOps.
-
-    ProbeOps (recording nothing) rather than ``generate_tokens``, for its fast CPU products.
-    """
-    model, ops = lm.model, ProbeOps(record=False)
+    model = lm.model
     cache = model.make_cache(len(ids) + max_tokens)
-    out: list[int] = []
-    *_, logits = _forward(model, ids, cache, 0, ops)
-    while len(out) < max_tokens:
-        token = cast(int, mx.argmax(logits[-1]).item())
-        out.append(token)
-        if token in lm.tokenizer.eos_token_ids or len(out) == max_tokens:
+    predicted = [_argmax(logits) for logits in _forward(model, ids, cache, 0, ops)]
+    sequence = list(ids)
+    for _ in range(max_tokens):
+        sequence.append(int(predicted[-1][-1]))
+        (logits,) = _forward(model, sequence[-1:], cache, len(sequence) - 1, ops)
+        predicted.append(_argmax(logits))
+        if sequence[-1] in lm.tokenizer.eos_token_ids:
             break
-        *_, logits = _forward(model, [token], cache, len(ids) + len(out) - 1, ops)
-    ops.release()
-    return out
+    ops.flush()
+    return sequence, np.concatenate(predicted)
+
+
+def _argmax(logits: mx.array) -> np.ndarray:
+    """Argmax per position (T, vocab) -> (T,), -1 where the logits are not finite."""
+    finite = mx.all(mx.isfinite(logits), axis=-1)
+    return np.array(mx.where(finite, mx.argmax(logits, axis=-1).astype(mx.int32), -1))
 
 
 def _forward(model: DecoderModel, ids: list[int], cache, start: int, ops: MLXOps) -> Iterator[mx.array]:
@@ -218,15 +224,10 @@ def _predict(model: DecoderModel, sequences: Iterable[list[int]], ops: MLXOps) -
     """Teacher-forced argmax at every position of every sequence; -1 where logits are not finite."""
     out = []
     for seq in sequences:
-        parts = []
-        for logits in _forward(model, seq, model.make_cache(len(seq)), 0, ops):
-            finite = mx.all(mx.isfinite(logits), axis=-1)
-            parts.append(np.array(mx.where(finite, mx.argmax(logits, axis=-1).astype(mx.int32), -1)))
-        out.append(np.concatenate(parts))
+        cache = model.make_cache(len(seq))
+        out.append(np.concatenate([_argmax(logits) for logits in _forward(model, seq, cache, 0, ops)]))
         if isinstance(ops, ProbeOps):
             ops.flush()
-    if isinstance(ops, ProbeOps):
-        ops.release()
     return out
 
 
