@@ -17,6 +17,13 @@ from tiny_models import ARCHS, make_tiny_model
 
 blas.limit_numpy_threads()  # as the CLI does: one BLAS thread per library on these 2 cores
 
+
+@pytest.fixture(scope="session", autouse=True)
+def _private_cache(tmp_path_factory: pytest.TempPathFactory):
+    """The fp16-scale decisions of this session's models live in a cache of their own (the
+    console-script tests inherit the variable), never in the user's ~/.cache/anemll-mlx."""
+    os.environ["ANEMLL_MLX_CACHE"] = str(tmp_path_factory.mktemp("anemll-mlx-cache"))
+
 SMOLLM2_GGUF_DEFAULT = Path("/root/.cache/anemll-mlx/SmolLM2-135M-Instruct.Q4_1.gguf")
 
 

@@ -23,7 +23,7 @@ from anemll_mlx.probe import (
 )
 from anemll_mlx.probe.recipes import Recipe, model_names
 from anemll_mlx.transforms import apply_fp16_scale
-from tiny_models import ARCHS
+from tiny_models import ARCHS, scale_weights
 
 IDS = [3, 17, 42, 99, 150, 7, 250, 31, 64, 128, 5, 200]
 
@@ -181,4 +181,24 @@ def test_recipe_longest_name_wins():
 def test_auto_scale_without_a_recipe_probes(variants):
     lm = load(variants["llama_tied"], "float32")
     decision = decide_fp16_scale(lm, "auto", prompts=["Hello! How are you today?"], max_tokens=2)
-    assert decision.value is None and decision.source == "probe"  # FP16-safe
+    assert decision.value is None and decision.source.startswith("probe, peak ")  # FP16-safe
+
+
+def test_auto_scale_reuses_the_probe_of_the_same_weights(tiny_model_factory, tmp_path):
+    """Same weights under another name: reused; other weights or other prompts: probed afresh."""
+    import shutil
+
+    folder = tiny_model_factory("llama", seed=3)
+    scale_weights(folder, r"layers\.0\.mlp\.down_proj", 1e5)  # needs a scale: the answer is not trivially none
+    prompts = ["Hello! How are you today?"]
+    first = decide_fp16_scale(load(folder, "float32"), "auto", prompts=prompts, max_tokens=2)
+    assert first.value is not None and first.value < 1 and "reused" not in first.source
+    renamed = tmp_path / "another-name"
+    shutil.copytree(folder, renamed)
+    again = decide_fp16_scale(load(renamed, "float32"), "auto", prompts=prompts, max_tokens=2)
+    assert again.value == first.value and again.source.endswith("reused")
+    other_prompts = decide_fp16_scale(load(renamed, "float32"), "auto", prompts=["Bonjour !"], max_tokens=2)
+    assert "reused" not in other_prompts.source
+    scale_weights(renamed, r"layers\.0\.mlp\.down_proj", 0.5)
+    changed = decide_fp16_scale(load(renamed, "float32"), "auto", prompts=prompts, max_tokens=2)
+    assert "reused" not in changed.source

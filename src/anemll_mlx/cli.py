@@ -182,7 +182,8 @@ def export(
     from .export import ExportOptions, can_compile, check_output, export_model
     from .loading import load, read_config
     from .models import build_model
-    from .probe.recipes import decide_fp16_scale, find_recipe, parse_fp16_scale
+    from .probe.decision import decide_fp16_scale, parse_fp16_scale
+    from .probe.recipes import find_recipe
     from .quant.lut import LUTConfig
 
     with user_errors():

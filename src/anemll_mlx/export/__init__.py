@@ -124,7 +124,7 @@ def can_compile() -> bool:
 def resolve_fp16_scale(lm: LoadedModel, options: ExportOptions, progress: Progress | None = None) -> None:
     """Turn ``fp16_scale="auto"`` into a number or None: the model's recipe, else the probe."""
     if options.fp16_scale == "auto":
-        from ..probe.recipes import decide_fp16_scale
+        from ..probe.decision import decide_fp16_scale
 
         options.fp16_scale = decide_fp16_scale(lm, "auto", progress=progress).value
 

@@ -7,7 +7,6 @@ themselves are ``anemll_mlx.format``'s; this module supplies the values.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import shutil
 from pathlib import Path
@@ -15,7 +14,6 @@ from pathlib import Path
 from .. import __version__
 from .. import format as fmt
 from ..loading import LoadedModel
-from ..loading.safetensors import checkpoint_files
 from .plan import ExportPlan
 from .programs import kv_states
 
@@ -30,17 +28,6 @@ TOKENIZER_FILES = (
     "vocab.json",
     "merges.txt",
 )
-
-
-def source_sha256(lm: LoadedModel) -> str:
-    """sha256 over the weight files, in name order: identifies exactly what was exported."""
-    files = [lm.gguf_path] if lm.gguf_path else checkpoint_files(lm.path)
-    digest = hashlib.sha256()
-    for path in files:
-        with open(path, "rb") as f:
-            for block in iter(lambda: f.read(1 << 20), b""):
-                digest.update(block)
-    return digest.hexdigest()
 
 
 def write_tokenizer_files(lm: LoadedModel, dest: Path) -> None:
@@ -82,7 +69,7 @@ def export_meta(lm: LoadedModel, options, plan: ExportPlan, files: fmt.PartFiles
         argmax_in_model=options.argmax_in_model,
         sliding_window=model.sliding_window,
         source=lm.source,
-        source_sha256=source_sha256(lm),
+        source_sha256=lm.content_sha256,
         model_type=lm.architecture,
         fp16_scale=model.fp16_scale,
         attention_chunk=options.attention_chunk or max(1, options.batch // 2),

@@ -6,6 +6,7 @@ code from the model repository is ever run.
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,7 +17,7 @@ from ..errors import BadArgumentError, CorruptModelError, ModelNotFoundError
 from ..models import build_model
 from ..models.base import DecoderModel, parameter_arrays
 from . import hub
-from .safetensors import load_safetensors
+from .safetensors import checkpoint_files, load_safetensors
 from .tokenizer import Tokenizer
 
 DTYPES = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}
@@ -45,6 +46,15 @@ class LoadedModel:
         if path is None:
             raise ValueError("a loaded model has a folder or a GGUF file")
         return path
+
+    @property
+    def weight_files(self) -> list[Path]:
+        return [self.gguf_path] if self.gguf_path else checkpoint_files(self.path)
+
+    @property
+    def content_sha256(self) -> str:
+        """sha256 over the weight files in name order: what a model is, whatever its name or path."""
+        return files_sha256(self.weight_files)
 
     @property
     def num_parameters(self) -> int:
@@ -184,3 +194,19 @@ def _short(error: Exception) -> str:
 
 
 __all__ = ["LoadedModel", "load", "read_config", "parse_dtype", "DTYPES", "BadArgumentError"]
+
+
+_HASHES: dict[str, str] = {}  # the files' paths, sizes and mtimes -> sha256, for this process
+
+
+def files_sha256(files: list[Path]) -> str:
+    """sha256 over the contents of ``files`` in order (memoised per file state within a process)."""
+    key = "|".join(f"{p.resolve()}:{p.stat().st_size}:{p.stat().st_mtime_ns}" for p in files)
+    if key not in _HASHES:
+        digest = hashlib.sha256()
+        for path in files:
+            with open(path, "rb") as f:
+                for block in iter(lambda: f.read(1 << 20), b""):
+                    digest.update(block)
+        _HASHES[key] = digest.hexdigest()
+    return _HASHES[key]

@@ -1,5 +1,5 @@
-"""Known models' FP16 recipes (published residual peaks and scales, package data in
-``anemll_mlx/data/recipes/*.yaml``) and the ``--fp16-scale`` decision that uses them.
+"""Known models' FP16 recipes: published residual peaks and scales, package data in
+``anemll_mlx/data/recipes/*.yaml``, used by the ``--fp16-scale auto`` decision (``decision.py``).
 
 ``--fp16-scale auto`` prefers a recipe over a fresh probe: the published figures come from far more
 calibration text than a probe sees here.  A recipe matches a loaded model by hub id, folder name,
@@ -9,7 +9,6 @@ renamed file of another model cannot pick up the wrong scale.
 
 from __future__ import annotations
 
-import math
 import re
 from dataclasses import dataclass
 from importlib import resources
@@ -18,7 +17,6 @@ from pathlib import Path
 
 import yaml
 
-from ..errors import BadArgumentError
 from ..loading import LoadedModel
 
 # Shipped inside the package, so an installed wheel finds them as a source checkout does.
@@ -91,45 +89,6 @@ def model_names(lm: LoadedModel) -> set[str]:
         if isinstance(value, str) and value:
             names.update({value, value.split("/")[-1]})
     return {_normal(n) for n in names}
-
-
-@dataclass(frozen=True)
-class ScaleDecision:
-    """The fp16 scale an export uses (None: no scaling) and where it came from, for the user."""
-
-    value: float | None
-    source: str
-
-    def __str__(self) -> str:
-        return f"{'none' if self.value is None else self.value} ({self.source})"
-
-
-def parse_fp16_scale(text: str) -> float | str | None:
-    """``--fp16-scale``: ``auto``, ``none`` or a number in (0, 1]."""
-    if text in ("auto", "none"):
-        return None if text == "none" else text
-    try:
-        value = float(text)
-    except ValueError:
-        raise BadArgumentError(f"--fp16-scale must be auto, none or a number, not '{text}'") from None
-    if not (math.isfinite(value) and 0 < value <= 1):
-        raise BadArgumentError(f"--fp16-scale must be in (0, 1], got {text}")
-    return value
-
-
-def decide_fp16_scale(lm: LoadedModel, setting: float | str | None = "auto", **probe_options) -> ScaleDecision:
-    """The scale for ``setting``: a number or None as given; ``auto`` takes the matching recipe's
-    scale, else runs the probe and takes its recommendation (``probe_options`` go to the probe)."""
-    if isinstance(setting, str) and setting != "auto":
-        setting = parse_fp16_scale(setting)
-    if setting != "auto":
-        return ScaleDecision(float(setting) if setting is not None else None, "given")
-    recipe = find_recipe(lm)
-    if recipe is not None:
-        return ScaleDecision(recipe.fp16_scale, f"recipe {recipe.name}, peak {recipe.published_peak:,.0f}")
-    from .run import probe
-
-    return ScaleDecision(probe(lm, **probe_options)["recommended_fp16_scale"], "probe")
 
 
 def _gguf_names(path: Path) -> set[str]:

@@ -62,6 +62,41 @@ def recommend_scale(peak: float) -> float:
     return math.floor(raw / 2.0**exponent * 8) / 8 * 2.0**exponent
 
 
+def scale_for(peak: float) -> float | None:
+    """The --fp16-scale a float32 residual peak calls for: None when it is FP16-safe (<= 0.75 x
+    65504), or when no alpha < 1 would help (inf: the model overflows even float32)."""
+    if not (math.isfinite(peak) and peak > SAFE_FRACTION * FP16_MAX):
+        return None
+    alpha = recommend_scale(peak)
+    return alpha if alpha < 1.0 else None
+
+
+def residual_peak(
+    lm: LoadedModel,
+    prompts: list[str] | None = None,
+    max_tokens: int = DEFAULT_MAX_TOKENS,
+    chat: bool = True,
+    progress: Progress | None = None,
+) -> float:
+    """The probe's float32 run alone: the largest residual-stream value over the calibration set.
+
+    All ``--fp16-scale auto`` needs (``scale_for``): the float16 and bfloat16 runs of the full
+    probe tell a person how the model fares, not which scale to export with.
+    """
+    prompts = calibration_prompts() if prompts is None else list(prompts)
+    model = lm.model
+    original = model.parameters()
+    meter = _Meter(progress, len(prompts), runs=1)
+    ops = ProbeOps()
+    try:
+        _cast(model, original, mx.float32)
+        for prompt in meter.each(prompts, "float32"):
+            _calibration_run(lm, prompt, max_tokens, chat, ops)
+    finally:
+        model.update(original)
+    return _residual_peak(ops, model.args.num_hidden_layers)[0]
+
+
 def probe(
     lm: LoadedModel,
     prompts: list[str] | None = None,
@@ -106,9 +141,7 @@ def probe(
 
         peak, peak_layer, peak_site = _residual_peak(fp32, model.args.num_hidden_layers)
         needs_scaling = peak > SAFE_FRACTION * FP16_MAX or fp16.first_nonfinite is not None
-        alpha = recommend_scale(peak) if needs_scaling and math.isfinite(peak) else None
-        if alpha is not None and alpha >= 1.0:
-            alpha = None  # fp16 broke outside the residual stream: shrinking it cannot help
+        alpha = scale_for(peak)  # None also when fp16 broke outside the residual stream: scaling cannot help
         scaled = {"fp16_scale": alpha, "overflow": None, "token_match": None}
         if alpha is None:
             meter.skip(1, "float16 scaled: not needed")
