@@ -77,7 +77,7 @@ demo: $(STAMP) $(SMOLLM2_GGUF)
 
 bench: $(STAMP) $(SMOLLM2_GGUF)
 	$(PY) -m pip install --quiet -e ".[dev,bench]"
-	ANEMLL_MLX_SMOLLM2_GGUF=$(SMOLLM2_GGUF) $(PY) bench/generate.py --dtype float32
+	ANEMLL_MLX_SMOLLM2_GGUF=$(SMOLLM2_GGUF) $(PY) bench/generate.py
 	ANEMLL_MLX_SMOLLM2_GGUF=$(SMOLLM2_GGUF) $(PY) bench/probe.py
 	ANEMLL_MLX_SMOLLM2_GGUF=$(SMOLLM2_GGUF) $(PY) bench/lut.py
 	ANEMLL_MLX_SMOLLM2_GGUF=$(SMOLLM2_GGUF) $(PY) bench/export.py

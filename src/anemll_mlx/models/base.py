@@ -242,14 +242,18 @@ class DecoderModel(nn.Module):
         return MLXKVCache(a.num_hidden_layers, a.num_key_value_heads, a.head_dim, context, dtype)
 
     def mlx_step(self, start: int, length: int, cache: MLXKVCache) -> Step:
-        """Positions and masks for tokens start..start+length on MLX (masks as wide as the filled cache)."""
+        """Positions and masks for tokens start..start+length on MLX (masks as wide as the filled cache).
+
+        The global mask is MLX's own ``"causal"`` mode (the queries are the last ``length`` of the
+        filled cache, exactly what it assumes), which spares building and adding a (T, T) mask.
+        """
         dtype = self.model.embed_tokens.weight.dtype
         end = start + length
 
         def mask(window: int | None) -> mx.array:
             return mx.array(causal_mask(start, length, end, window)).astype(dtype)
 
-        masks: dict[str, Any] = {"global": None if length == 1 else mask(None)}
+        masks: dict[str, Any] = {"global": None if length == 1 else "causal"}
         if self.sliding_window is not None:
             needs = length > 1 or end > self.sliding_window
             masks["sliding"] = mask(self.sliding_window) if needs else None

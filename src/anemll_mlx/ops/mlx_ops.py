@@ -121,8 +121,10 @@ class MLXOps:
         )
 
     def attention(self, q: mx.array, k: mx.array, v: mx.array, mask: Any, scale: float) -> mx.array:
-        """Softmax(q k^T * scale + mask) v with grouped KV heads; k/v cover only the filled cache."""
-        if mask is not None:
+        """Softmax(q k^T * scale + mask) v with grouped KV heads; k/v cover only the filled cache.
+
+        ``mask`` is an additive array, None, or ``"causal"`` (MLX's own causal mode)."""
+        if mask is not None and not isinstance(mask, str):
             mask = mask[..., : k.shape[2]]
         return mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask=mask)
 

@@ -21,6 +21,7 @@ from typing import Any, cast
 import mlx.core as mx
 
 from .. import interrupts
+from ..format import causal_mask
 from ..ops.mlx_ops import MLXOps
 
 # The order in which sites occur within one layer's forward; "embedding" (layer -1) precedes all.
@@ -74,6 +75,9 @@ class ProbeOps(MLXOps):
         scores = self.matmul(q.reshape(B, kv, (H // kv) * T, D), k.transpose(0, 1, 3, 2)).reshape(B, H, T, -1)
         if self.record:
             self._record(self._layer, "attn_scores", scores)
+        if isinstance(mask, str):  # MLX's "causal": the queries are the last T of the keys
+            keys = scores.shape[-1]
+            mask = mx.array(causal_mask(keys - T, T, keys)).astype(scores.dtype)
         if mask is not None:
             scores = scores + mask[..., : scores.shape[-1]]
         weights = mx.softmax(scores, axis=-1, precise=True)
