@@ -11,6 +11,7 @@ per op family.
 from __future__ import annotations
 
 import hashlib
+import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeGuard
@@ -19,6 +20,7 @@ import mlx.core as mx
 import numpy as np
 from coremltools.converters.mil.mil import Operation, Var, types
 
+from ... import blas
 from ...errors import UnsupportedError
 
 Array = mx.array
@@ -99,8 +101,11 @@ class ConstPool:
     def array(self, value: np.ndarray) -> Array:
         return self._shared(value, "mlx", mx.array)
 
-    def host_matrix(self, value: np.ndarray) -> np.ndarray:
-        """A weight as a float32 numpy array, for products on the host's BLAS (see ``host_matmul``)."""
+    def host_matrix(self, value: np.ndarray) -> Any:
+        """A weight in float32 where ``host_matmul`` computes: an MLX array with a fast BLAS under
+        MLX, else a numpy array."""
+        if PRODUCTS_ON_MLX:
+            return self._shared(value, "host", lambda v: mx.array(v.astype(np.float32)))
         return self._shared(value, "host", lambda v: np.ascontiguousarray(v, dtype=np.float32))
 
     def _shared(self, value: np.ndarray, kind: str, make: Callable[[np.ndarray], Any]) -> Any:
@@ -154,8 +159,9 @@ class BuildContext:
         """The static value of ``var`` as an MLX array of its declared dtype (deduplicated)."""
         return self.pool.array(self._declared(var))
 
-    def host_matrix(self, var: Var) -> np.ndarray:
-        """The static value of ``var``, rounded to its declared dtype, as float32 numpy (deduplicated)."""
+    def host_matrix(self, var: Var) -> Any:
+        """The static value of ``var``, rounded to its declared dtype, in float32 where
+        ``host_matmul`` computes (deduplicated)."""
         return self.pool.host_matrix(self._declared(var))
 
     def _declared(self, var: Var) -> np.ndarray:
@@ -258,16 +264,23 @@ def scalar(value: Any) -> Any:
     return np.asarray(value).item()
 
 
-def host_matmul(a: Array | np.ndarray, b: Array | np.ndarray, bias: np.ndarray | None = None) -> Array:
-    """``a @ b (+ bias)`` in float32 on numpy's BLAS, returned as an MLX array (rounded later, once).
+# Where weight products run: on MLX when a fast BLAS is under it (macOS, or Linux with the OpenBLAS
+# of ``blas.py``), else on numpy's BLAS (the Linux wheel's reference BLAS measured 30-50x slower
+# than numpy's for these shapes, and weight products are nearly all of an export's compute).
+PRODUCTS_ON_MLX = sys.platform != "linux" or blas.status().library is not None
 
-    Why not MLX: the Linux ``mlx[cpu]`` wheel links the reference netlib BLAS, which measured
-    30-50x slower than numpy's OpenBLAS for these shapes (576x1536 by 64 columns: 20 ms vs
-    0.65 ms), and weight products are nearly all of an export's compute.  fp16 operands widen to
-    fp32 exactly, so this is the same arithmetic as an fp32-accumulating fp16 matmul.  It needs the
-    operands on the host, so it evaluates them (MLX is lazy) before it runs.
+
+def host_matmul(a: Any, b: Any, bias: Any = None) -> Array:
+    """``a @ b (+ bias)`` in float32 (rounded later, once, by the executor).
+
+    fp16 operands widen to fp32 exactly, so this is the same arithmetic as an fp32-accumulating
+    fp16 matmul.  On MLX it stays lazy; on numpy it needs the operands on the host, so it
+    evaluates them first.
     """
-    y = np.matmul(np.asarray(a, dtype=np.float32), np.asarray(b, dtype=np.float32))
+    if PRODUCTS_ON_MLX:
+        y = mx.matmul(a.astype(F32) if a.dtype != F32 else a, b.astype(F32) if b.dtype != F32 else b)
+        return y if bias is None else y + bias
+    out = np.matmul(np.asarray(a, dtype=np.float32), np.asarray(b, dtype=np.float32))
     if bias is not None:
-        y += bias
-    return mx.array(y)
+        out += bias
+    return mx.array(out)

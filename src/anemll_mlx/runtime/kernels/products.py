@@ -1,6 +1,6 @@
 """Weight products and attention: linear, matmul, 1x1 conv and scaled_dot_product_attention.
 
-Weight products run in fp32 on numpy's BLAS (``core.host_matmul``): fp16 operands widen exactly,
+Weight products run in fp32 on a fast BLAS (``core.host_matmul``): fp16 operands widen exactly,
 so this is the arithmetic of an fp32-accumulating fp16 matmul, rounded once by the executor.
 """
 
