@@ -71,19 +71,24 @@ def parse_dtype(name: str) -> mx.Dtype:
     return DTYPES[name]
 
 
-def load(source: str | Path, dtype: str | mx.Dtype = "float32") -> LoadedModel:
-    """Load a model from a local HF folder, a GGUF file or a hub id ``org/name``."""
+def load(source: str | Path, dtype: str | mx.Dtype = "float32", lazy: bool = False) -> LoadedModel:
+    """Load a model from a local HF folder, a GGUF file or a hub id ``org/name``.
+
+    ``lazy`` leaves every weight unread until it is first used: safetensors are read tensor by
+    tensor from disk, GGUF tensors dequantized one at a time, and a caller that drops what it has
+    used (export, part by part) holds one part's weights at a time instead of the whole model.
+    """
     dtype = parse_dtype(dtype) if isinstance(dtype, str) else dtype
     text = str(source)
     path = Path(text).expanduser()
     if path.is_file() and path.suffix.lower() == ".gguf":
-        return _load_gguf(path, dtype)
+        return _load_gguf(path, dtype, lazy)
     if path.is_dir():
-        return _load_folder(path, dtype, text)
+        return _load_folder(path, dtype, text, lazy)
     if path.exists():
         raise ModelNotFoundError(f"{path} is neither a model folder nor a .gguf file")
     if hub.looks_like_hub_id(text):
-        return _load_folder(hub.download(text), dtype, text)
+        return _load_folder(hub.download(text), dtype, text, lazy)
     raise ModelNotFoundError(f"no such file or folder: {text}")
 
 
@@ -125,19 +130,19 @@ def _folder_config(folder: Path) -> dict:
     return text_config(config)
 
 
-def _load_folder(folder: Path, dtype: mx.Dtype, source: str) -> LoadedModel:
+def _load_folder(folder: Path, dtype: mx.Dtype, source: str, lazy: bool) -> LoadedModel:
     config = _folder_config(folder)
     build_model(config)  # fail on an unsupported architecture before reading gigabytes
-    weights = load_safetensors(folder)
-    model = _assemble(config, weights, dtype)
+    weights = load_safetensors(folder)  # lazy: mx.load reads a tensor when it is evaluated
+    model = _assemble(config, weights, dtype, lazy)
     return LoadedModel(model, Tokenizer.from_folder(folder), config, source, folder, None, dtype)
 
 
-def _load_gguf(path: Path, dtype: mx.Dtype) -> LoadedModel:
+def _load_gguf(path: Path, dtype: mx.Dtype, lazy: bool) -> LoadedModel:
     from .gguf import read_gguf
 
-    gguf = read_gguf(path, dtype)
-    model = _assemble(gguf.config, gguf.weights, dtype)
+    gguf = read_gguf(path, dtype, lazy)
+    model = _assemble(gguf.config, gguf.weights, dtype, lazy)
     tokenizer = Tokenizer(gguf.tokenizer, gguf.tokenizer_config, {"eos_token_id": gguf.config.get("eos_token_id")})
     return LoadedModel(model, tokenizer, gguf.config, str(path), None, path, dtype)
 
@@ -155,8 +160,9 @@ def text_config(config: dict) -> dict:
     return config
 
 
-def _assemble(config: dict, weights: dict[str, mx.array], dtype: mx.Dtype) -> DecoderModel:
-    """Build the model and load ``weights`` (HF names) into it, strictly, in ``dtype``."""
+def _assemble(config: dict, weights: dict[str, mx.array], dtype: mx.Dtype, lazy: bool) -> DecoderModel:
+    """Build the model and load ``weights`` (HF names) into it, strictly, in ``dtype``; evaluated
+    now unless ``lazy``."""
     weights = _language_model_weights(weights)
     config = dict(config)
     if "lm_head.weight" not in weights:
@@ -170,7 +176,8 @@ def _assemble(config: dict, weights: dict[str, mx.array], dtype: mx.Dtype) -> De
         model.load_weights(list(weights.items()), strict=True)
     except ValueError as e:
         raise CorruptModelError(f"weights do not match the {config['model_type']} config: {_short(e)}") from None
-    mx.eval(model.parameters())
+    if not lazy:
+        mx.eval(model.parameters())
     return model
 
 

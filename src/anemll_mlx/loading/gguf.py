@@ -125,18 +125,19 @@ def gguf_tensor_types(path: str | Path) -> dict[str, str]:
     return {t.name: t.type_name for t in read_header(path).tensors.values()}
 
 
-def read_gguf(path: str | Path, dtype: mx.Dtype = mx.float32) -> GGUFModel:
+def read_gguf(path: str | Path, dtype: mx.Dtype = mx.float32, lazy: bool = False) -> GGUFModel:
     """Read a GGUF file into an HF config, HF-named ``dtype`` weights and a tokenizer.
 
     Cheap checks come first (header, tensor types, architecture, tokenizer) so a bad or
-    unsupported file fails before any tensor data is read.
+    unsupported file fails before any tensor data is read.  ``lazy`` leaves each weight as an
+    unevaluated dequantization of the file's (small, quantized) data, done when it is first used.
     """
     path = Path(path)
     header = read_header(path)
     check_tensors(path, header)
     config = hf_config(path, header)
     tokenizer, tokenizer_config = build_tokenizer(path, header.metadata)
-    weights = hf_weights(path, header, config, dtype)
+    weights = hf_weights(path, header, config, dtype, lazy)
     return GGUFModel(config, weights, tokenizer, tokenizer_config, plain_metadata(header.metadata))
 
 
@@ -506,8 +507,9 @@ def read_float_tensor(path: Path, info: TensorInfo) -> np.ndarray:
     return data.astype(np.float32).reshape(info.shape)
 
 
-def hf_weights(path: Path, header: GGUFHeader, config: dict, dtype: mx.Dtype) -> dict[str, mx.array]:
-    """Read, dequantize, rename and re-layout every tensor; one at a time to bound peak memory."""
+def hf_weights(path: Path, header: GGUFHeader, config: dict, dtype: mx.Dtype, lazy: bool = False) -> dict[str, mx.array]:
+    """Read, dequantize, rename and re-layout every tensor; one at a time to bound peak memory
+    (or, ``lazy``, each when it is first used)."""
     arch = header.metadata["general.architecture"]
     names: dict[str, str] = {}
     for name in header.tensors:  # every name is checked before any data is read
@@ -529,7 +531,8 @@ def hf_weights(path: Path, header: GGUFHeader, config: dict, dtype: mx.Dtype) ->
             value = mx.array(read_float_tensor(path, info))
         value = _to_hf_layout(value, name, arch, config)
         weights[target] = value.astype(dtype)
-        mx.eval(weights[target])
+        if not lazy:
+            mx.eval(weights[target])
     return weights
 
 
