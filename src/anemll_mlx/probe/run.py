@@ -84,17 +84,26 @@ def residual_peak(
     probe tell a person how the model fares, not which scale to export with.
     """
     prompts = calibration_prompts() if prompts is None else list(prompts)
-    model = lm.model
-    original = model.parameters()
-    meter = _Meter(progress, len(prompts), runs=1)
-    ops = ProbeOps()
+    original = lm.model.parameters()
     try:
-        _cast(model, original, mx.float32)
-        for prompt in meter.each(prompts, "float32"):
-            _calibration_run(lm, prompt, max_tokens, chat, ops)
+        fp32, _, _ = _float32_run(lm, prompts, max_tokens, chat, original, _Meter(progress, len(prompts), runs=1))
     finally:
-        model.update(original)
-    return _residual_peak(ops, model.args.num_hidden_layers)[0]
+        lm.model.update(original)
+    return _residual_peak(fp32, lm.model.args.num_hidden_layers)[0]
+
+
+def _float32_run(
+    lm: LoadedModel, prompts: list[str], max_tokens: int, chat: bool, params: dict, meter: _Meter
+) -> tuple[ProbeOps, list[list[int]], list[np.ndarray]]:
+    """The recorded float32 run: its records, the calibration sequences and their argmaxes."""
+    _cast(lm.model, params, mx.float32)
+    fp32 = ProbeOps()
+    sequences, reference = [], []
+    for prompt in meter.each(prompts, "float32"):
+        sequence, predicted = _calibration_run(lm, prompt, max_tokens, chat, fp32)
+        sequences.append(sequence)
+        reference.append(predicted)
+    return fp32, sequences, reference
 
 
 def probe(
@@ -125,13 +134,7 @@ def probe(
     # runs: float32 (greedy tokens and the reference), float16, bfloat16, scaled, one per clamp threshold
     meter = _Meter(progress, len(prompts), runs=4 + len(CLAMP_THRESHOLDS))
     try:
-        _cast(model, original, mx.float32)
-        fp32 = ProbeOps()
-        sequences, reference = [], []
-        for prompt in meter.each(prompts, "float32"):
-            sequence, predicted = _calibration_run(lm, prompt, max_tokens, chat, fp32)
-            sequences.append(sequence)
-            reference.append(predicted)
+        fp32, sequences, reference = _float32_run(lm, prompts, max_tokens, chat, original, meter)
 
         _cast(model, original, mx.float16)
         fp16 = ProbeOps()
