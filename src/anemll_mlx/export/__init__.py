@@ -179,11 +179,13 @@ def export_model(
 
         shapes = ct.EnumeratedShapes(shapes=[(1, 1), (1, options.batch)], default=(1, options.batch))
         inputs = [ct.TensorType(name=fmt.INPUT_IDS, shape=shapes, dtype=np.int32)]
+        store.prefit("embeddings")
         build("embeddings", lambda: programs.embeddings_program(model, ops), files.embeddings, inputs)
 
         functions = programs.chunk_functions(model, options.context, options.batch)
         for i, (layers, stem) in enumerate(zip(plan.chunks, files.chunks)):
             last = i == len(plan.chunks) - 1
+            store.prefit("ffn", layers)
             chunk = partial(programs.chunk_program, model, ops, layers, functions, options.context, last)
             build(f"chunk {i + 1:02d}of{len(plan.chunks):02d}", chunk, stem)
 
