@@ -165,7 +165,7 @@ def test_batching_does_not_change_the_result(monkeypatch: pytest.MonkeyPatch) ->
 # --- exact emission through Core ML
 
 
-def _reloaded_lut_value(tmp_path, lw: LUTWeight, shape: tuple[int, ...]) -> np.ndarray:
+def _reloaded_lut_value(tmp_path, lw: LUTWeight, shape: tuple[int, ...], weight_id: str | None = None) -> np.ndarray:
     """Build, convert, save and reload a one-op program; return the constexpr's materialised value."""
     import coremltools as ct
     from coremltools.converters.mil import Builder as mb
@@ -177,7 +177,7 @@ def _reloaded_lut_value(tmp_path, lw: LUTWeight, shape: tuple[int, ...]) -> np.n
 
     @mb.program(input_specs=[mb.TensorSpec(x_shape, dtype=types.fp16)], opset_version=ct.target.iOS18)
     def prog(x):
-        w = lut_to_mil(lw, shape, "w_lut")
+        w = lut_to_mil(lw, shape, "w_lut", weight_id=weight_id)
         return mb.linear(x=x, weight=w) if len(shape) == 2 else mb.conv(x=x, weight=w)
 
     model = ct.convert(
@@ -205,6 +205,23 @@ def test_core_ml_reload_is_bit_exact(tmp_path, bits: int, group: int | None, sha
     expected = lw.dequantize().reshape(shape)
     assert value.dtype == np.float16 and value.shape == shape
     assert value.tobytes() == expected.tobytes()
+
+
+def test_emission_with_a_weight_id_is_bit_exact(tmp_path) -> None:
+    """The export's form: indices and table as consts with a weight id (shared across functions)."""
+    shape = (16, 24, 1, 1)
+    lw = fit_lut(_gaussian(shape, seed=9, scale=0.03), LUTSpec(4, 4))
+    value = _reloaded_lut_value(tmp_path, lw, shape, weight_id="model.layers.0.mlp.up_proj")
+    assert value.tobytes() == lw.dequantize().reshape(shape).tobytes()
+
+
+def test_fits_in_worker_processes_are_the_serial_fits() -> None:
+    from anemll_mlx.export.weights import fit_luts
+
+    weights = [_gaussian((8 * (i + 1), 24), seed=20 + i, scale=0.02) for i in range(5)]
+    serial = [fit_lut(w, LUTSpec(4, 4)) for w in weights]
+    for got, expected in zip(fit_luts(weights, LUTSpec(4, 4), workers=2), serial, strict=True):
+        assert got.indices.tobytes() == expected.indices.tobytes() and got.lut.tobytes() == expected.lut.tobytes()
 
 
 def test_emission_rejects_a_wrong_shape() -> None:

@@ -12,10 +12,12 @@ import subprocess
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 import coremltools as ct
 import numpy as np
+from coremltools.converters.mil.mil import Program
 
 from .. import format as fmt
 from .. import interrupts
@@ -160,34 +162,35 @@ def export_model(
             progress(part, done, total)
 
     with target.build() as scratch:
-        ops = MILOps(options.attention_chunk or max(1, options.batch // 2), WeightStore(model, options.lut), options.context)
+        store = WeightStore(model, options.lut)
+        ops = MILOps(options.attention_chunk or max(1, options.batch // 2), store, options.context)
         result = ExportResult(out=target.path, plan=plan)
 
-        report("embeddings", 0, 1)
+        def build(part: str, program: Callable[[], Program], stem: str, inputs: list | None = None) -> None:
+            """Trace, convert (every function at once) and save one package, then let go of its
+            program, model and weights before the next."""
+            report(part, 0, 1)
+            model_ = package.convert(program(), inputs)
+            package.save(model_, scratch / f"{stem}.mlpackage")
+            del model_
+            ops.release()
+            store.release()
+            report(part, 1, 1)
+
         shapes = ct.EnumeratedShapes(shapes=[(1, 1), (1, options.batch)], default=(1, options.batch))
         inputs = [ct.TensorType(name=fmt.INPUT_IDS, shape=shapes, dtype=np.int32)]
-        embed = package.convert(programs.embeddings_program(model, ops), inputs)
-        package.save(embed, scratch / f"{files.embeddings}.mlpackage")
-        report("embeddings", 1, 1)
+        store.prefit("embeddings")
+        build("embeddings", lambda: programs.embeddings_program(model, ops), files.embeddings, inputs)
 
         functions = programs.chunk_functions(model, options.context, options.batch)
         for i, (layers, stem) in enumerate(zip(plan.chunks, files.chunks)):
-            part = f"chunk {i + 1:02d}of{len(plan.chunks):02d}"
             last = i == len(plan.chunks) - 1
-            models = {}
-            for n, function in enumerate(functions):
-                report(part, n, len(functions))
-                program = programs.chunk_program(
-                    model, ops, layers, function.tokens, options.context, last, function.rotate
-                )
-                models[function.name] = package.convert(program)
-            package.save_functions(models, scratch / f"{stem}.mlpackage", scratch, fmt.INFER)
-            report(part, len(functions), len(functions))
+            store.prefit("ffn", layers)
+            chunk = partial(programs.chunk_program, model, ops, layers, functions, options.context, last)
+            build(f"chunk {i + 1:02d}of{len(plan.chunks):02d}", chunk, stem)
 
-        report("lm_head", 0, 1)
-        head = package.convert(programs.lm_head_program(model, ops, plan.head_sizes, options.argmax_in_model))
-        package.save(head, scratch / f"{files.lm_head}.mlpackage")
-        report("lm_head", 1, 1)
+        head = partial(programs.lm_head_program, model, ops, plan.head_sizes, options.argmax_in_model)
+        build("lm_head", head, files.lm_head)
 
         write_tokenizer_files(lm, scratch)
         fmt.write_meta(scratch, export_meta(lm, options, plan, files, prefix))

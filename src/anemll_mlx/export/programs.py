@@ -21,13 +21,22 @@ from ..ops.mil_ops import MILKVCache, MILOps, MILWindowedKVCache
 from ..ops.vocabulary import Step
 
 
-def _program(specs: dict, body) -> Program:
-    """One-function program with inputs named exactly as ``specs`` (mb.program would use arg names)."""
+def _function(specs: dict, body) -> Function:
+    """A function with inputs named exactly as ``specs`` (mb.program would use arg names)."""
     with Function(specs, opset_version=ct.target.iOS18) as function:
         outputs = body(function.inputs)
         function.set_outputs(outputs)
+    return function
+
+
+def _program(functions: dict[str, Function], default: str = "main") -> Program:
+    """A program of ``functions``; with more than one it is saved as a multifunction package
+    whose default function is ``default`` (converted once, weights shared by ``weight_id``)."""
     program = Program()
-    program.add_function("main", function)
+    for name, function in functions.items():
+        program.add_function(name, function)
+    program.default_function_name = default
+    program.export_as_multifunction = len(functions) > 1
     return program
 
 
@@ -49,7 +58,8 @@ def chunk_functions(model: DecoderModel, context: int, batch: int) -> list[fmt.C
 def embeddings_program(model: DecoderModel, ops: MILOps) -> Program:
     """Token ids of any length T (the converter pins T to 1 and batch) -> (1, T, hidden)."""
     specs = {fmt.INPUT_IDS: mb.TensorSpec((1, get_new_symbol()), dtype=types.int32)}
-    return _program(specs, lambda i: [mb.identity(x=model.embed(ops, i[fmt.INPUT_IDS]), name=fmt.HIDDEN_STATES)])
+    body = lambda i: [mb.identity(x=model.embed(ops, i[fmt.INPUT_IDS]), name=fmt.HIDDEN_STATES)]  # noqa: E731
+    return _program({"main": _function(specs, body)})
 
 
 def _chunk_inputs(model: DecoderModel, tokens: int, context: int) -> dict:
@@ -63,6 +73,14 @@ def _chunk_inputs(model: DecoderModel, tokens: int, context: int) -> dict:
 
 
 def chunk_program(
+    model: DecoderModel, ops: MILOps, layers: range, functions: list[fmt.ChunkFunction], context: int, last: bool
+) -> Program:
+    """One FFN chunk: a function per entry of ``functions`` (``chunk_functions``), ``infer`` the default."""
+    traced = {f.name: chunk_function(model, ops, layers, f.tokens, context, last, f.rotate) for f in functions}
+    return _program(traced, default=fmt.INFER)
+
+
+def chunk_function(
     model: DecoderModel,
     ops: MILOps,
     layers: range,
@@ -70,7 +88,7 @@ def chunk_program(
     context: int,
     last: bool,
     rotate: bool = False,
-) -> Program:
+) -> Function:
     """Layers ``layers`` over ``tokens`` new tokens at ``current_pos``, reading/writing the KV state(s).
 
     With a split cache (``split_window``), ``rotate`` picks the sliding layers' window: the first W
@@ -84,23 +102,25 @@ def chunk_program(
     states = kv_states(model, context)
     specs = _chunk_inputs(model, tokens, context)
     for state in states:
-        specs[state.name] = mb.StateTensorSpec(state.shape, dtype=types.fp16)
+        # Named as stored (ML Program names allow only [A-Za-z0-9_]; coremltools' renaming pass
+        # only visits single-function programs).
+        specs[fmt.stored_state_name(state.name)] = mb.StateTensorSpec(state.shape, dtype=types.fp16)
 
     def body(i):
         mask = i[fmt.CAUSAL_MASK]
         windowed = None
         if window is None:
             cache: MILKVCache | MILWindowedKVCache = MILKVCache(
-                i[fmt.KV_STATE], model.args.num_hidden_layers, i[fmt.CURRENT_POS]
+                i[fmt.KV_STATE_STORED], model.args.num_hidden_layers, i[fmt.CURRENT_POS]
             )
             masks = {"global": mask, "sliding": mask}
         else:
             kinds = {fmt.LOCAL_STATE: "local", fmt.GLOBAL_STATE: "global"}
             cache = windowed = MILWindowedKVCache(
-                {kinds[s.name]: i[s.name] for s in states}, model.sliding(), i[fmt.CURRENT_POS], window, rotate
+                {kinds[s.name]: i[fmt.stored_state_name(s.name)] for s in states}, model.sliding(), i[fmt.CURRENT_POS], window, rotate
             )
-            local = fmt.band_mask(window, tokens) if rotate else mb.slice_by_index(
-                x=mask, begin=[0, 0, 0, 0], end=[1, 1, tokens, window]
+            local = ops.const(f"band_mask_{window}_{tokens}", lambda: fmt.band_mask(window, tokens)) if rotate else (
+                mb.slice_by_index(x=mask, begin=[0, 0, 0, 0], end=[1, 1, tokens, window])
             )  # fmt: skip
             masks = {"global": mask, "sliding": local}
         step = Step(positions=i[fmt.POSITION_IDS], masks=masks, cache=cache)
@@ -111,7 +131,7 @@ def chunk_program(
             h = model.final_norm(ops, h)
         return [mb.identity(x=h, name=fmt.OUTPUT_HIDDEN_STATES)]
 
-    return _program(specs, body)
+    return _function(specs, body)
 
 
 def lm_head_program(model: DecoderModel, ops: MILOps, sizes: list[int], argmax: bool) -> Program:
@@ -130,4 +150,4 @@ def lm_head_program(model: DecoderModel, ops: MILOps, sizes: list[int], argmax: 
             mb.identity(x=mb.concat(values=val, axis=0), name=fmt.ARGMAX_VAL),
         ]
 
-    return _program(specs, body)
+    return _program({"main": _function(specs, body)})

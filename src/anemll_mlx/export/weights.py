@@ -1,37 +1,137 @@
 """How each exported weight is stored: fp16, or LUT-palettized with our own fitted tables.
 
 Which weights a LUT may replace is the model's declaration (``DecoderModel.lut_targets``); which
-parts get one is the export's ``LUTConfig``.  One ``WeightStore`` serves every function of an
-export: a LUT is fitted once per weight and the same indices and table are emitted wherever the
-weight appears, so the ``infer`` and ``prefill`` functions of a chunk share byte-identical
-weights (Core ML then stores them once).
+parts get one is the export's ``LUTConfig``.  One ``WeightStore`` serves every function of a
+package: each weight is made once (converted to fp16, or its LUT fitted) and emitted in every
+function under one ``weight_id`` (``ops.mil_ops.shared_const``), so the ``infer`` and ``prefill``
+functions of a chunk share its bytes in the package without a deduplication pass.
 """
 
 from __future__ import annotations
 
+import os
+import signal
+import sys
+from multiprocessing import get_context
 from typing import Any
 
+import numpy as np
+from mlx.utils import tree_flatten
+
 from ..models.base import DecoderModel
-from ..ops.mil_ops import fp16_weight
+from ..ops.mil_ops import shared_const, to_numpy
 from ..ops.vocabulary import Embedding, Linear
-from ..quant.lut import LUTConfig, LUTWeight, fit_lut, lut_to_mil
+from ..quant.lut import LUTConfig, LUTSpec, LUTWeight, fit_lut, lut_to_mil
+
+# LUT fits run in this many processes (fit_lut is numpy, single-threaded and deterministic, so the
+# result is the same bytes whatever the count); ANEMLL_MLX_LUT_WORKERS overrides, 1 fits in-process.
+DEFAULT_LUT_WORKERS = 2
 
 
 class WeightStore:
-    """The ``weight_for`` of ``MILOps``: (part, holder, shape, rows) -> an fp16 array or a LUT op."""
+    """The ``weight_for`` of ``MILOps``: (part, holder, shape, rows) -> a shared const or a LUT op."""
 
     def __init__(self, model: DecoderModel, lut: LUTConfig):
         self.lut = lut
-        self.names = {(t.part, id(t.holder)): t.name for t in model.lut_targets()}
+        self.targets = {(t.part, id(t.holder)): t for t in model.lut_targets()}
+        # Every array of the model by its parameter path: names for the weight ids.
+        self.paths = {id(item[1]): str(item[0]) for item in tree_flatten(model.parameters())}
         self.fitted: dict[str, LUTWeight] = {}
+        self.dense: dict[str, np.ndarray] = {}
 
     def __call__(self, part: str, holder: Linear | Embedding, shape: tuple[int, ...], rows: range | None = None) -> Any:
         spec = self.lut[part]
-        name = self.names.get((part, id(holder)))
-        if spec is None or name is None:
-            return fp16_weight(part, holder, shape, rows)
-        key = name if rows is None else f"{name}_{rows.start}_{rows.stop}"
+        target = self.targets.get((part, id(holder)))
+        if spec is None or target is None:
+            key = self._key(self.paths[id(holder.weight)], rows) + "_" + "x".join(map(str, shape))
+            if key not in self.dense:
+                weight = holder.weight if rows is None else holder.weight[rows.start : rows.stop]
+                self.dense[key] = to_numpy(weight).reshape(shape)
+            return shared_const(self.dense[key], key, _mil_name(key))
+        key = self._key(target.name, rows)
         if key not in self.fitted:
-            weight = holder.weight if rows is None else holder.weight[rows.start : rows.stop]
-            self.fitted[key] = fit_lut(weight, spec)
-        return lut_to_mil(self.fitted[key], shape, key.replace(".", "_") + "_palettized")
+            self.fitted[key] = fit_lut(_rows(holder, rows), spec)
+        return lut_to_mil(self.fitted[key], shape, _mil_name(key) + "_palettized", weight_id=key)
+
+    @staticmethod
+    def _key(name: str, rows: range | None) -> str:
+        return name if rows is None else f"{name}_{rows.start}_{rows.stop}"
+
+    def prefit(self, part: str, layers: range | None = None, workers: int | None = None) -> None:
+        """Fit now, in ``workers`` processes, the LUTs of ``part`` (of ``layers`` only, if given)
+        that tracing will ask for, so that tracing finds them made (same bytes as fitting each on
+        first use: ``fit_lut`` is deterministic)."""
+        spec = self.lut[part]
+        if spec is None:
+            return
+        todo = [
+            t for t in self.targets.values()
+            if t.part == part and (layers is None or t.layer in layers) and t.name not in self.fitted
+        ]  # fmt: skip
+        weights = [_rows(t.holder, None) for t in todo]
+        for target, fitted in zip(todo, fit_luts(weights, spec, workers)):
+            self.fitted[target.name] = fitted
+
+    def release(self) -> None:
+        """Drop what was made for the package just saved (its LUTs and fp16 copies)."""
+        self.fitted.clear()
+        self.dense.clear()
+
+
+def _rows(holder: Linear | Embedding, rows: range | None) -> np.ndarray:
+    weight = holder.weight if rows is None else holder.weight[rows.start : rows.stop]
+    return to_numpy(weight, np.float32)
+
+
+def _mil_name(key: str) -> str:
+    return key.replace(".", "_")
+
+
+def lut_workers(workers: int | None = None) -> int:
+    """Processes for LUT fits: ``workers``, else $ANEMLL_MLX_LUT_WORKERS, else 2; at most the CPUs,
+    and 1 (in-process) where fork is not the safe way to start them (anything but Linux)."""
+    if workers is None:
+        workers = int(os.environ.get("ANEMLL_MLX_LUT_WORKERS", DEFAULT_LUT_WORKERS))
+    if sys.platform != "linux":
+        return 1
+    return max(1, min(workers, os.cpu_count() or 1))
+
+
+def fit_luts(weights: list[np.ndarray], spec: LUTSpec, workers: int | None = None) -> list[LUTWeight]:
+    """``fit_lut`` of each weight, in order, spread over ``workers`` forked processes.
+
+    Fork, not spawn: spawn re-imports the caller's main module (a script without a ``__main__``
+    guard would run again) and would pickle every weight to the children; forked children find
+    the weights in memory (``_init_worker``) and only send the fits back.  They run numpy only,
+    never MLX, whose threads fork does not copy.  On an error or a signal in the parent the pool is
+    terminated at once (``Pool.__exit__``), so an interrupted export does not wait for the fits.
+    """
+    workers = min(lut_workers(workers), len(weights))
+    if workers <= 1:
+        return [fit_lut(w, spec) for w in weights]
+    # Largest first, so the last fits to start are short ones and the processes finish together.
+    order = sorted(range(len(weights)), key=lambda i: -weights[i].size)
+    with get_context("fork").Pool(workers, initializer=_init_worker, initargs=(weights, spec)) as pool:
+        fitted = pool.map(_fit_one, order, chunksize=1)
+    out: list[LUTWeight] = [None] * len(weights)  # type: ignore[list-item]
+    for i, lw in zip(order, fitted):
+        out[i] = lw
+    return out
+
+
+_worker_job: tuple[list[np.ndarray], LUTSpec] | None = None  # set in each forked worker
+
+
+def _init_worker(weights: list[np.ndarray], spec: LUTSpec) -> None:
+    """A worker leaves signals to the parent (which terminates the pool) and dies on SIGTERM, not
+    through the parent's ``interrupts`` handlers it inherited."""
+    global _worker_job
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    _worker_job = (weights, spec)
+
+
+def _fit_one(index: int) -> LUTWeight:
+    assert _worker_job is not None
+    weights, spec = _worker_job
+    return fit_lut(weights[index], spec)

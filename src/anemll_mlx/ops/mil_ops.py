@@ -7,6 +7,12 @@ Choices made for the Neural Engine (see docs/ARCHITECTURE.md):
 - RMSNorm as layer_norm over [x, -x]: the mean of that concatenation is zero, so layer_norm's
   variance is mean(x^2); computed inside one op, it avoids squaring x in fp16 (overflow past 256);
 - RoPE tables are constants gathered by the ``position_ids`` input;
+- an op several layers would repeat is built once per function (the transposed input of q/k/v
+  and of gate/up, the RoPE rows, current_pos + T and the KV write bounds, the mask slices), and
+  every array constant (weights, norm gains, biases, RoPE tables, band masks) is emitted once per
+  function with a ``weight_id``, so the functions of a package store it once: the programs come
+  out as coremltools' ``remove_redundant_ops`` and ``const_deduplication`` would leave them,
+  without running those passes (see ``export/package.py``);
 - attention is explicit (matmul, mask add, softmax, matmul) with GQA folded into a reshape and the
   queries split into chunks of ``attention_chunk`` rows (prefill), so no score matrix exceeds
   chunk x context;
@@ -24,6 +30,7 @@ from typing import Any
 import mlx.core as mx
 import numpy as np
 from coremltools.converters.mil import Builder as mb
+from coremltools.converters.mil.mil.block import curr_block
 
 from .vocabulary import Embedding, Linear, Norm, RoPE, Step
 
@@ -42,6 +49,43 @@ def fp16_weight(part: str, holder: Linear | Embedding, shape: tuple[int, ...], r
     return to_numpy(weight).reshape(shape)
 
 
+def shared_const(value: np.ndarray, weight_id: str, name: str | None = None) -> Any:
+    """A const op whose data every function of the package shares.
+
+    coremltools writes one blob per ``weight_id`` when it lowers a multifunction program, so the
+    infer and prefill functions point at the same bytes without a deduplication pass comparing
+    every constant (``const_deduplication``, ``save_multifunction``).  Emit only byte-identical
+    values under one id.
+    """
+    var = mb.const(val=value, name=name) if name else mb.const(val=value)
+    var.op.weight_id = weight_id
+    return var
+
+
+class FunctionMemo:
+    """Values built once per traced function: the first call builds, later calls of the same key
+    in the same function get the same MIL variable.
+
+    A new function (another current pymil block) starts empty, so nothing leaks across functions.
+    Keys may hold MIL variables: they compare by identity, and the memo keeps them alive.
+    """
+
+    def __init__(self) -> None:
+        self._block: Any = None
+        self._values: dict[Any, Any] = {}
+
+    def get(self, key: Any, build: Callable[[], Any]) -> Any:
+        block = curr_block()
+        if block is not self._block:
+            self._block, self._values = block, {}
+        if key not in self._values:
+            self._values[key] = build()
+        return self._values[key]
+
+    def clear(self) -> None:
+        self._block, self._values = None, {}
+
+
 class MILOps:
     """Emits MIL ops for each vocabulary call (``vocabulary.Ops``).
 
@@ -55,16 +99,43 @@ class MILOps:
         self.attention_chunk = attention_chunk
         self.context = context  # RoPE tables need only this many rows
         self.weight_for: WeightFor = weight_for or fp16_weight
-        self._rope_tables: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+        self._memo = FunctionMemo()
+        self._arrays: dict[str, np.ndarray] = {}  # constants' values, made once per export
+
+    def release(self) -> None:
+        """Forget the constants' values and the last function (call between packages)."""
+        self._memo.clear()
+        self._arrays.clear()
+
+    def const(self, key: str, make: Callable[[], np.ndarray]) -> Any:
+        """The constant ``key`` (value from ``make``, called once per export): one const op per
+        function, one blob per package (``shared_const``)."""
+
+        def build() -> Any:
+            if key not in self._arrays:
+                self._arrays[key] = make()
+            return shared_const(self._arrays[key], key)
+
+        return self._memo.get(("const", key), build)
+
+    def _vector(self, holder: Any, name: str) -> Any:
+        """A per-channel vector of the model (norm gain, bias) as a shared fp16 constant."""
+        array = holder[name]
+        return self.const(f"{name}_{id(array)}", lambda: to_numpy(array))
 
     # --- projections and norms
+
+    def channels_first(self, x):
+        """(B, T, C) -> (B, C, 1, T), the layout of the 1x1 convs; once per input and function
+        (q/k/v read one, gate/up another)."""
+        return self._memo.get(("channels_first", x), lambda: mb.expand_dims(x=mb.transpose(x=x, perm=[0, 2, 1]), axes=[2]))
 
     def linear(self, x, layer: Linear):
         """(B, T, Cin) -> (B, T, Cout) as a 1x1 conv over (B, Cin, 1, T)."""
         cout, cin = layer.weight.shape
-        x4 = mb.expand_dims(x=mb.transpose(x=x, perm=[0, 2, 1]), axes=[2])
-        bias = to_numpy(layer.bias) if "bias" in layer else None
-        y = mb.conv(x=x4, weight=self.weight_for("ffn", layer, (cout, cin, 1, 1), None), bias=bias)
+        bias = self._vector(layer, "bias") if "bias" in layer else None
+        weight = self.weight_for("ffn", layer, (cout, cin, 1, 1), None)
+        y = mb.conv(x=self.channels_first(x), weight=weight, bias=bias)
         return mb.transpose(x=mb.squeeze(x=y, axes=[2]), perm=[0, 2, 1])
 
     def rms_norm(self, x, norm: Norm):
@@ -74,7 +145,7 @@ class MILOps:
         begin = [0] * x.rank
         end = list(x.shape[:-1]) + [size]
         half = mb.slice_by_index(x=normed, begin=begin, end=end)
-        return mb.mul(x=half, y=to_numpy(norm.weight))
+        return mb.mul(x=half, y=self._vector(norm, "weight"))
 
     def embed(self, ids, table: Embedding, scale: float):
         h = mb.gather(x=self.weight_for("embeddings", table, tuple(table.weight.shape), None), indices=ids, axis=0)
@@ -84,7 +155,7 @@ class MILOps:
         """Logit pieces (B, T, size) for consecutive row ranges of the head's weight, each a 1x1 conv."""
         vocab, hidden = head.weight.shape
         bounds = np.cumsum([0] + list(sizes or [vocab]))
-        x4 = mb.expand_dims(x=mb.transpose(x=x, perm=[0, 2, 1]), axes=[2])
+        x4 = self.channels_first(x)
         out = []
         for rows in (range(int(a), int(b)) for a, b in zip(bounds[:-1], bounds[1:])):
             w = self.weight_for("lm_head", head, (len(rows), hidden, 1, 1), rows)
@@ -118,15 +189,24 @@ class MILOps:
 
     # --- attention
 
+    def _rope_rows(self, rope: RoPE, positions, T: int, D: int) -> tuple[Any, Any]:
+        """cos and sin rows (1, 1, T, D) of ``positions``: gathered once per function and table
+        (q and k of every layer share them), from tables stored once per package."""
+
+        def table(which: int) -> Any:
+            make = lambda: rope.tables()[which][: self.context].astype(np.float16)  # noqa: E731
+            return self.const(f"rope_{'cs'[which]}_{id(rope)}", make)
+
+        def rows() -> tuple[Any, Any]:
+            gathered = (mb.gather(x=table(i), indices=positions, axis=0) for i in (0, 1))
+            return tuple(mb.reshape(x=g, shape=[1, 1, T, D]) for g in gathered)
+
+        return self._memo.get(("rope", id(rope), positions, T, D), rows)
+
     def rope(self, x, rope: RoPE, step: Step):
         """x * cos + rotate_half(x) * sin with rows of constant tables picked by position."""
-        if id(rope) not in self._rope_tables:
-            cos, sin = (t[: self.context] for t in rope.tables())
-            self._rope_tables[id(rope)] = (cos.astype(np.float16), sin.astype(np.float16))
-        cos_table, sin_table = self._rope_tables[id(rope)]
         T, D = x.shape[2], x.shape[3]
-        cos = mb.reshape(x=mb.gather(x=cos_table, indices=step.positions, axis=0), shape=[1, 1, T, D])
-        sin = mb.reshape(x=mb.gather(x=sin_table, indices=step.positions, axis=0), shape=[1, 1, T, D])
+        cos, sin = self._rope_rows(rope, step.positions, T, D)
         first, second = mb.split(x=x, num_splits=2, axis=-1)
         rotated = mb.concat(values=[mb.mul(x=second, y=np.float16(-1)), first], axis=-1)
         return mb.add(x=mb.mul(x=x, y=cos), y=mb.mul(x=rotated, y=sin))
@@ -142,7 +222,7 @@ class MILOps:
         for start in range(0, T, chunk):
             size = min(chunk, T - start)
             qc = q if size == T else mb.slice_by_index(x=q, begin=[0, 0, start, 0], end=[B, H, start + size, D])
-            mc = mask if size == T else mb.slice_by_index(x=mask, begin=[0, 0, start, 0], end=[1, 1, start + size, context])
+            mc = mask if size == T else self._mask_rows(mask, start, size)
             # GQA: the `group` query heads of one KV head become extra rows of one matmul.
             qg = mb.reshape(x=qc, shape=[B, kv_heads, group * size, D])
             scores = mb.reshape(x=mb.matmul(x=qg, y=k, transpose_y=True), shape=[B, H, size, context])
@@ -150,6 +230,12 @@ class MILOps:
             wg = mb.reshape(x=weights, shape=[B, kv_heads, group * size, context])
             outputs.append(mb.reshape(x=mb.matmul(x=wg, y=v), shape=[B, H, size, D]))
         return outputs[0] if len(outputs) == 1 else mb.concat(values=outputs, axis=2)
+
+    def _mask_rows(self, mask, start: int, size: int):
+        """Rows start..start+size of the mask, sliced once per function for all layers."""
+        context = mask.shape[-1]
+        slice_rows = lambda: mb.slice_by_index(x=mask, begin=[0, 0, start, 0], end=[1, 1, start + size, context])  # noqa: E731
+        return self._memo.get(("mask_rows", mask, start, size), slice_rows)
 
     def tap(self, site: str, layer: int, x):
         return x
@@ -162,20 +248,34 @@ class MILKVCache:
     ``current_pos`` and hands the written value on, so later layers never read the state again.
     """
 
-    def __init__(self, state, num_layers: int, current_pos):
+    def __init__(self, state, num_layers: int, current_pos, memo: FunctionMemo | None = None):
         self.state = state
         self.num_layers = num_layers
         self.current_pos = current_pos
+        self.memo = memo or FunctionMemo()  # shared by the two caches of a split cache
         self.value = mb.read_state(input=state)
+
+    def _bounds(self, row: int, heads: int, T: int, D: int) -> tuple[Any, Any]:
+        """begin/end of a write of T positions at current_pos into ``row``: built once per
+        function (current_pos + T serves every row; a split cache's two states share rows)."""
+        pos = self.current_pos
+
+        def end_pos() -> Any:
+            return self.memo.get(("kv_end", pos, T), lambda: mb.add(x=pos, y=np.int32(T)))
+
+        def build() -> tuple[Any, Any]:
+            zero = np.array([0], dtype=np.int32)
+            begin = mb.concat(values=[np.array([row, 0], dtype=np.int32), pos, zero], axis=0)
+            end = mb.concat(
+                values=[np.array([row + 1, heads], dtype=np.int32), end_pos(), np.array([D], dtype=np.int32)], axis=0
+            )
+            return begin, end
+
+        return self.memo.get(("kv_bounds", pos, row, heads, T, D), build)
 
     def _write(self, row: int, update):
         _, heads, T, D = update.shape
-        zero = np.array([0], dtype=np.int32)
-        begin = mb.concat(values=[np.array([row, 0], dtype=np.int32), self.current_pos, zero], axis=0)
-        end = mb.concat(
-            values=[np.array([row + 1, heads], dtype=np.int32), mb.add(x=self.current_pos, y=np.int32(T)), np.array([D], dtype=np.int32)],
-            axis=0,
-        )
+        begin, end = self._bounds(row, heads, T, D)
         self.value = mb.slice_update(x=self.value, update=update, begin=begin, end=end)
 
     def _rows(self, row: int):
@@ -222,12 +322,13 @@ class MILWindowedKVCache:
             self.layout[layer] = (kind, counts[kind])
             counts[kind] += 1
         self.counts = counts
+        self._memo = FunctionMemo()
         self._caches: dict[str, MILKVCache] = {}
         self._begin: tuple[Any, dict[int, Any]] | None = None  # (current_pos - window, row -> begin)
 
     def _cache(self, kind: str) -> MILKVCache:
         if kind not in self._caches:
-            self._caches[kind] = MILKVCache(self.states[kind], self.counts[kind], self.current_pos)
+            self._caches[kind] = MILKVCache(self.states[kind], self.counts[kind], self.current_pos, self._memo)
         return self._caches[kind]
 
     def _window_rows(self, value, row: int, tokens: int):

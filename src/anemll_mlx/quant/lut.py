@@ -448,12 +448,14 @@ def lut_group_error(weight: np.ndarray | mx.array, lw: LUTWeight) -> np.ndarray:
     return np.mean(diff * diff, axis=1)
 
 
-def lut_to_mil(lw: LUTWeight, shape: tuple[int, ...], name: str) -> Any:
+def lut_to_mil(lw: LUTWeight, shape: tuple[int, ...], name: str, weight_id: str | None = None) -> Any:
     """Emit ``lw`` as an iOS18 ``constexpr_lut_to_dense`` op producing an fp16 weight of ``shape``.
 
     ``shape`` is (Cout, Cin) for a linear or (Cout, Cin, 1, 1) for a 1x1 conv.  The table gets
     shape [groups, 1, ..., 1, 2**bits, 1]: one leading entry per output-channel group and 1 on
     every other weight axis.  Call inside an ``mb.program`` function whose opset is iOS18 or later.
+    With ``weight_id``, the indices and the table are consts of that id (``_indices``, ``_lut``),
+    stored once in a package whatever the number of functions emitting them.
     """
     from coremltools.converters.mil import Builder as mb
     from coremltools.converters.mil.mil import types
@@ -462,6 +464,12 @@ def lut_to_mil(lw: LUTWeight, shape: tuple[int, ...], name: str) -> Any:
     if shape[0] != lw.indices.shape[0] or int(np.prod(shape)) != lw.indices.size:
         raise ValueError(f"LUT weight of shape {lw.indices.shape} cannot be emitted as {shape}")
     index_dtype = getattr(types, f"np_uint{lw.spec.bits}_dtype", None) if lw.spec.bits < 8 else np.uint8
-    indices = lw.indices.reshape(shape).astype(index_dtype)
+    indices: Any = lw.indices.reshape(shape).astype(index_dtype)
     lut_shape = (lw.lut.shape[0],) + (1,) * (len(shape) - 1) + (lw.spec.entries, 1)
-    return mb.constexpr_lut_to_dense(indices=indices, lut=lw.lut.reshape(lut_shape), name=name)
+    lut: Any = lw.lut.reshape(lut_shape)
+    if weight_id is not None:
+        indices = mb.const(val=indices, name=f"{name}_indices")
+        indices.op.weight_id = f"{weight_id}_indices"
+        lut = mb.const(val=lut, name=f"{name}_lut")
+        lut.op.weight_id = f"{weight_id}_lut"
+    return mb.constexpr_lut_to_dense(indices=indices, lut=lut, name=name)
