@@ -220,7 +220,7 @@ def export(
             table.add_row(part, layers, f"{mb:.1f}")
         Console().print(table)
 
-        lm = load(model, "float32")
+        lm = load(model, "float32", lazy=True)  # read part by part as the export goes
         if scale_setting == "auto":
             if find_recipe(lm) is None:
                 print("--fp16-scale auto: no recipe matches this model, so the probe decides (pass a number or none to skip it)")
@@ -228,6 +228,8 @@ def export(
                 decision = decide_fp16_scale(lm, "auto", progress=progress)
             print(f"--fp16-scale auto: {decision}")
             options.fp16_scale = decision.value
+            if decision.probed:  # the probe read the whole model: start the part-by-part reading afresh
+                lm = load(model, "float32", lazy=True)
         with Progress(*_bar_columns(), console=console) as bar:
             tasks: dict[str, TaskID] = {}
 

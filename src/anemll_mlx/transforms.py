@@ -48,8 +48,7 @@ def apply_fp16_scale(model: DecoderModel, alpha: float) -> DecoderModel:
     for norm in readers:
         norm.eps = norm.eps * alpha * alpha
     model.embed_scale = model.embed_scale * alpha
-    mx.eval(model.parameters())
-    model.fp16_scale = alpha
+    model.fp16_scale = alpha  # the scaled weights are computed on first use (a lazy model stays lazy)
     return model
 
 

@@ -16,8 +16,10 @@ from functools import partial
 from pathlib import Path
 
 import coremltools as ct
+import mlx.core as mx
 import numpy as np
 from coremltools.converters.mil.mil import Program
+from mlx.utils import tree_map
 
 from .. import format as fmt
 from .. import interrupts
@@ -139,7 +141,8 @@ def export_model(
     plan: ExportPlan | None = None,
 ) -> ExportResult:
     """Write the export of ``lm`` to ``out``.  Applies the fp16 scale to ``lm.model`` in place
-    (``"auto"`` is resolved first: the model's recipe, else the probe).
+    (``"auto"`` is resolved first: the model's recipe, else the probe); a lazily loaded model
+    (``load(..., lazy=True)``) is consumed, part by part, to bound memory.
 
     ``out`` may be a folder already checked with ``OutputFolder.check`` (the CLI checks it before
     loading the model); a plain path is checked here.  Nothing appears under ``out`` until the
@@ -166,31 +169,40 @@ def export_model(
         ops = MILOps(options.attention_chunk or max(1, options.batch // 2), store, options.context)
         result = ExportResult(out=target.path, plan=plan)
 
-        def build(part: str, program: Callable[[], Program], stem: str, inputs: list | None = None) -> None:
+        def build(
+            part: str, program: Callable[[], Program], stem: str, inputs: list | None = None, used: list | None = None
+        ) -> None:
             """Trace, convert (every function at once) and save one package, then let go of its
-            program, model and weights before the next."""
+            program, model and weights before the next (with a lazily loaded model, the source
+            weights it ``used`` too: peak memory follows the largest part, not the model)."""
             report(part, 0, 1)
             model_ = package.convert(program(), inputs)
             package.save(model_, scratch / f"{stem}.mlpackage")
             del model_
             ops.release()
             store.release()
+            if lm.lazy:
+                for module in used or []:
+                    _forget(module)
             report(part, 1, 1)
 
         shapes = ct.EnumeratedShapes(shapes=[(1, 1), (1, options.batch)], default=(1, options.batch))
         inputs = [ct.TensorType(name=fmt.INPUT_IDS, shape=shapes, dtype=np.int32)]
         store.prefit("embeddings")
-        build("embeddings", lambda: programs.embeddings_program(model, ops), files.embeddings, inputs)
+        tied = model.head is model.model.embed_tokens  # the LM head reads the table again at the end
+        embeddings = [] if tied else [model.model.embed_tokens]
+        build("embeddings", lambda: programs.embeddings_program(model, ops), files.embeddings, inputs, embeddings)
 
         functions = programs.chunk_functions(model, options.context, options.batch)
         for i, (layers, stem) in enumerate(zip(plan.chunks, files.chunks)):
             last = i == len(plan.chunks) - 1
             store.prefit("ffn", layers)
             chunk = partial(programs.chunk_program, model, ops, layers, functions, options.context, last)
-            build(f"chunk {i + 1:02d}of{len(plan.chunks):02d}", chunk, stem)
+            used = [model.model.layers[n] for n in layers]
+            build(f"chunk {i + 1:02d}of{len(plan.chunks):02d}", chunk, stem, used=used)
 
         head = partial(programs.lm_head_program, model, ops, plan.head_sizes, options.argmax_in_model)
-        build("lm_head", head, files.lm_head)
+        build("lm_head", head, files.lm_head, used=[model.head])
 
         write_tokenizer_files(lm, scratch)
         fmt.write_meta(scratch, export_meta(lm, options, plan, files, prefix))
@@ -201,6 +213,12 @@ def export_model(
     result.files = {stem: _size(target.path / f"{stem}.mlpackage") for stem in files.all()}
     result.seconds = time.perf_counter() - started
     return result
+
+
+def _forget(module) -> None:
+    """Replace ``module``'s (evaluated) weights by unevaluated zeros of the same shapes, which hold
+    no memory: the export of a lazily loaded model consumes it, part by part."""
+    module.update(tree_map(lambda a: mx.zeros(a.shape, a.dtype), module.parameters()))
 
 
 def compile_package(path: Path, dest: Path) -> None:

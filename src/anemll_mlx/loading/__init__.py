@@ -34,6 +34,7 @@ class LoadedModel:
     folder: Path | None  # Hugging Face folder, None for GGUF
     gguf_path: Path | None
     dtype: mx.Dtype
+    lazy: bool = False  # weights read when first used (see ``load``)
 
     @property
     def architecture(self) -> str:
@@ -135,7 +136,7 @@ def _load_folder(folder: Path, dtype: mx.Dtype, source: str, lazy: bool) -> Load
     build_model(config)  # fail on an unsupported architecture before reading gigabytes
     weights = load_safetensors(folder)  # lazy: mx.load reads a tensor when it is evaluated
     model = _assemble(config, weights, dtype, lazy)
-    return LoadedModel(model, Tokenizer.from_folder(folder), config, source, folder, None, dtype)
+    return LoadedModel(model, Tokenizer.from_folder(folder), config, source, folder, None, dtype, lazy)
 
 
 def _load_gguf(path: Path, dtype: mx.Dtype, lazy: bool) -> LoadedModel:
@@ -144,7 +145,7 @@ def _load_gguf(path: Path, dtype: mx.Dtype, lazy: bool) -> LoadedModel:
     gguf = read_gguf(path, dtype, lazy)
     model = _assemble(gguf.config, gguf.weights, dtype, lazy)
     tokenizer = Tokenizer(gguf.tokenizer, gguf.tokenizer_config, {"eos_token_id": gguf.config.get("eos_token_id")})
-    return LoadedModel(model, tokenizer, gguf.config, str(path), None, path, dtype)
+    return LoadedModel(model, tokenizer, gguf.config, str(path), None, path, dtype, lazy)
 
 
 def text_config(config: dict) -> dict:

@@ -35,6 +35,7 @@ class ScaleDecision:
 
     value: float | None
     source: str
+    probed: bool = False  # a probe ran (and read every weight of the model) to decide
 
     def __str__(self) -> str:
         return f"{'none' if self.value is None else self.value} ({self.source})"
@@ -77,7 +78,7 @@ def decide_fp16_scale(
         return ScaleDecision(scale_for(peak), f"probe of these weights on {when}, peak {peak:,.0f}, reused")
     peak = residual_peak(lm, texts, max_tokens, progress=progress)
     _write_cache(key, lm, peak)
-    return ScaleDecision(scale_for(peak), f"probe, peak {peak:,.0f}")
+    return ScaleDecision(scale_for(peak), f"probe, peak {peak:,.0f}", probed=True)
 
 
 def _cache_key(lm: LoadedModel, prompts: list[str], max_tokens: int) -> str:
