@@ -227,7 +227,7 @@ def interrupt_at(args: list, marker: str, signum: int, cwd: Path) -> tuple[int, 
 
 STAGES = [
     # (command, progress text to wait for, what is happening then)
-    ("export", "float16", "the probe of --fp16-scale auto, before any output exists"),
+    ("export", "float32", "the probe of --fp16-scale auto, before any output exists"),
     ("export", "chunk 01of02", "building, with the partial folder beside the target"),
     ("compare", "comparing", "the comparison, before results are written"),
     ("probe", "float16", "the probe's float16 run, before the report is written"),

@@ -165,7 +165,8 @@ def export_model(
             progress(part, done, total)
 
     with target.build() as scratch:
-        store = WeightStore(model, options.lut)
+        tied = model.head is model.model.embed_tokens  # the LM head reads the table again at the end
+        store = WeightStore(model, options.lut, consume=lm.lazy, keep=(model.model.embed_tokens,) if tied else ())
         ops = MILOps(options.attention_chunk or max(1, options.batch // 2), store, options.context)
         result = ExportResult(out=target.path, plan=plan)
 
@@ -189,7 +190,6 @@ def export_model(
         shapes = ct.EnumeratedShapes(shapes=[(1, 1), (1, options.batch)], default=(1, options.batch))
         inputs = [ct.TensorType(name=fmt.INPUT_IDS, shape=shapes, dtype=np.int32)]
         store.prefit("embeddings")
-        tied = model.head is model.model.embed_tokens  # the LM head reads the table again at the end
         embeddings = [] if tied else [model.model.embed_tokens]
         build("embeddings", lambda: programs.embeddings_program(model, ops), files.embeddings, inputs, embeddings)
 

@@ -15,8 +15,8 @@ import sys
 from multiprocessing import get_context
 from typing import Any
 
+import mlx.core as mx
 import numpy as np
-from mlx.utils import tree_flatten
 
 from ..models.base import DecoderModel
 from ..ops.mil_ops import shared_const, to_numpy
@@ -29,13 +29,20 @@ DEFAULT_LUT_WORKERS = 2
 
 
 class WeightStore:
-    """The ``weight_for`` of ``MILOps``: (part, holder, shape, rows) -> a shared const or a LUT op."""
+    """The ``weight_for`` of ``MILOps``: (part, holder, shape, rows) -> a shared const or a LUT op.
 
-    def __init__(self, model: DecoderModel, lut: LUTConfig):
+    ``consume``: once a whole weight has been made into its fp16 copy or its LUT, the model's own
+    (evaluated) array is replaced by unevaluated zeros, so a lazily loaded model never holds more
+    than the weights in flight (export of a lazy model; the model is spent afterwards).
+    """
+
+    def __init__(self, model: DecoderModel, lut: LUTConfig, consume: bool = False, keep: tuple = ()):
         self.lut = lut
+        self.consume = consume
+        self.keep = {id(holder) for holder in keep}  # needed by a later part too (a tied table)
         self.targets = {(t.part, id(t.holder)): t for t in model.lut_targets()}
-        # Every array of the model by its parameter path: names for the weight ids.
-        self.paths = {id(item[1]): str(item[0]) for item in tree_flatten(model.parameters())}
+        # Every weight holder by its module path: names for the weight ids.
+        self.paths = {id(module): f"{name}.weight" for name, module in model.named_modules()}
         self.fitted: dict[str, LUTWeight] = {}
         self.dense: dict[str, np.ndarray] = {}
 
@@ -43,15 +50,23 @@ class WeightStore:
         spec = self.lut[part]
         target = self.targets.get((part, id(holder)))
         if spec is None or target is None:
-            key = self._key(self.paths[id(holder.weight)], rows) + "_" + "x".join(map(str, shape))
+            key = self._key(self.paths[id(holder)], rows) + "_" + "x".join(map(str, shape))
             if key not in self.dense:
                 weight = holder.weight if rows is None else holder.weight[rows.start : rows.stop]
                 self.dense[key] = to_numpy(weight).reshape(shape)
+                self._spent(holder, rows)
             return shared_const(self.dense[key], key, _mil_name(key))
         key = self._key(target.name, rows)
         if key not in self.fitted:
             self.fitted[key] = fit_lut(_rows(holder, rows), spec)
+            self._spent(holder, rows)
         return lut_to_mil(self.fitted[key], shape, _mil_name(key) + "_palettized", weight_id=key)
+
+    def _spent(self, holder: Linear | Embedding, rows: range | None) -> None:
+        """Drop the model's array of a weight made whole (row pieces are dropped by the export,
+        after the last piece)."""
+        if self.consume and rows is None and id(holder) not in self.keep:
+            holder.weight = mx.zeros(holder.weight.shape, holder.weight.dtype)
 
     @staticmethod
     def _key(name: str, rows: range | None) -> str:
@@ -68,9 +83,17 @@ class WeightStore:
             t for t in self.targets.values()
             if t.part == part and (layers is None or t.layer in layers) and t.name not in self.fitted
         ]  # fmt: skip
-        weights = [_rows(t.holder, None) for t in todo]
-        for target, fitted in zip(todo, fit_luts(weights, spec, workers)):
-            self.fitted[target.name] = fitted
+        # a layer at a time: only one layer's float32 weights are in memory (a LUT part holds many
+        # more parameters than its bytes suggest: 8x an fp16 part's at 4 bits)
+        groups: dict[int | None, list] = {}
+        for target in todo:
+            groups.setdefault(target.layer, []).append(target)
+        for group in groups.values():
+            weights = [_rows(t.holder, None) for t in group]
+            for target, fitted in zip(group, fit_luts(weights, spec, workers)):
+                self.fitted[target.name] = fitted
+                self._spent(target.holder, None)
+            del weights
 
     def release(self) -> None:
         """Drop what was made for the package just saved (its LUTs and fp16 copies)."""

@@ -464,7 +464,8 @@ def lut_to_mil(lw: LUTWeight, shape: tuple[int, ...], name: str, weight_id: str 
     if shape[0] != lw.indices.shape[0] or int(np.prod(shape)) != lw.indices.size:
         raise ValueError(f"LUT weight of shape {lw.indices.shape} cannot be emitted as {shape}")
     index_dtype = getattr(types, f"np_uint{lw.spec.bits}_dtype", None) if lw.spec.bits < 8 else np.uint8
-    indices: Any = lw.indices.reshape(shape).astype(index_dtype)
+    # uint8 bytes either way, the uint{bits} meaning in the dtype's metadata: a view, not a copy
+    indices: Any = np.ascontiguousarray(lw.indices.reshape(shape)).view(index_dtype)
     lut_shape = (lw.lut.shape[0],) + (1,) * (len(shape) - 1) + (lw.spec.entries, 1)
     lut: Any = lw.lut.reshape(lut_shape)
     if weight_id is not None:
