@@ -199,6 +199,12 @@ def _sse(payload: dict | str) -> str:
     return f"data: {data}\n\n"
 
 
+def _type_tag(part: Any) -> bool:
+    """Whether a pydantic error location part names a union member (``str``, ``list[str]``,
+    ``constrained-int``...) rather than a field or an index."""
+    return isinstance(part, str) and (part in ("str", "int", "float", "bool", "list", "dict") or any(c in part for c in "[-"))
+
+
 def create_app(engine: Engine, model_name: str) -> FastAPI:
     """The FastAPI application over ``engine`` (tests may mount it on any ASGI server)."""
     app = FastAPI(title="anemll-mlx", docs_url=None, redoc_url=None, openapi_url=None)
@@ -210,8 +216,10 @@ def create_app(engine: Engine, model_name: str) -> FastAPI:
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
-        first = exc.errors()[0] if exc.errors() else {}
-        where = [str(p) for p in first.get("loc", ()) if p != "body"]
+        # a union field fails once per member: the error that is not "wrong type" says more
+        errors = sorted(exc.errors(), key=lambda e: str(e.get("type", "")).endswith("_type"))
+        first = errors[0] if errors else {}
+        where = [str(p) for p in first.get("loc", ()) if p != "body" and not _type_tag(p)]
         if first.get("type") == "json_invalid":
             return APIError(400, f"the body is not valid JSON: {first.get('ctx', {}).get('error', '')}".rstrip(": ")).response()
         param = ".".join(where) or None
