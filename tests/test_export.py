@@ -521,8 +521,8 @@ def test_interrupted_export_leaves_the_destination_as_it_was(cache, tmp_path, ex
 
 def lm_head_path(out: Path) -> Path:
     name = yaml.safe_load((out / "meta.yaml").read_text())["model_info"]["parameters"]["lm_head"]
-    assert name == "qwen25_lm_head"  # ANEMLL's prefix for the qwen2 family
-    return out / f"{name}.mlpackage"
+    assert name == "qwen25_lm_head.mlmodelc"  # ANEMLL's prefix for the qwen2 family; the compiled name
+    return out / name.replace(".mlmodelc", ".mlpackage")
 
 
 @pytest.mark.slow
