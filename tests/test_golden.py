@@ -15,7 +15,7 @@ import pytest
 from anemll_mlx.errors import BadArgumentError, CorruptModelError
 from anemll_mlx.eval import golden as goldens
 from anemll_mlx.loading import load
-from anemll_mlx.runtime.drivers import MLXDriver, open_driver
+from anemll_mlx.runtime.drivers import MLXDriver
 
 CLI = Path(sys.executable).parent / "anemll-mlx"
 PROMPTS = ["Hello there", "What is the capital of France?"]

@@ -67,7 +67,7 @@ def test_every_driver_can_resume(tiny_export):
     assert isinstance(MLXDriver(load(folder), "mlx"), ResumableDriver)
 
 
-P, I = fmt.PREFILL, fmt.INFER
+P, INF = fmt.PREFILL, fmt.INFER
 
 
 @pytest.mark.parametrize(
@@ -76,7 +76,7 @@ P, I = fmt.PREFILL, fmt.INFER
         (5, [(P, 5), (P, 21), (P, 37), (P, 53)]),  # unaligned batches, the last one 7 tokens
         (16, [(P, 16), (P, 32), (P, 48)]),
         (45, [(P, 45)]),
-        (58, [(I, 58), (I, 59)]),  # fewer than PREFILL_MIN tokens: single tokens
+        (58, [(INF, 58), (INF, 59)]),  # fewer than PREFILL_MIN tokens: single tokens
     ],
 )
 def test_export_prefill_continues_at_any_position(tiny_export, ids, split, calls):

@@ -39,7 +39,15 @@ from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, Strict
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .errors import UserError
-from .generate import GenerationResult, Sampling, Session, check_prompt, generate_ids, recommended_sampling, room
+from .generate import (
+    GenerationResult,
+    Sampling,
+    Session,
+    check_prompt,
+    generate_ids,
+    recommended_sampling,
+    room,
+)
 
 StrictFloat = Annotated[float, Field(strict=True)]  # ints are still floats; strings are not
 MAX_STOPS = 4  # as OpenAI's API
@@ -140,7 +148,7 @@ class Engine:
     @staticmethod
     def _open(open_driver: Callable[[], Any]) -> tuple[Any, Session]:
         driver = open_driver()
-        driver.tokenizer  # an export loads its tokenizer on first use: here, not in a request
+        _ = driver.tokenizer  # an export loads its tokenizer on first use: here, not in a request
         return driver, Session(driver)
 
     def submit(self, job: Job) -> Future[GenerationResult | None]:

@@ -117,8 +117,9 @@ def save(golden: Golden, path: Path) -> None:
         arrays[f"ids_{n}"] = np.asarray(ids, dtype=np.int64)
         arrays[f"logits_{n}"] = np.asarray(logits, dtype=np.float32)
         arrays[f"tokens_{n}"] = np.asarray(tokens, dtype=np.int64)
+    write: Any = np.savez  # numpy's stub reads **arrays as its own keyword arguments
     with open(path, "wb") as f:
-        np.savez(f, **arrays)
+        write(f, **arrays)
 
 
 def load(path: str | Path) -> Golden:

@@ -167,7 +167,10 @@ class MILRunner:
         if function not in executor.functions:
             return None
         shape = executor.inputs(function).get(name, (None, None))[0]
-        return None if shape is None or None in shape else tuple(int(d) for d in shape)
+        if shape is None:
+            return None
+        dims = [d for d in shape if d is not None]
+        return tuple(dims) if len(dims) == len(shape) else None
 
 
 class CoreMLRunner:
