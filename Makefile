@@ -82,6 +82,7 @@ bench: $(STAMP) $(SMOLLM2_GGUF)
 	ANEMLL_MLX_SMOLLM2_GGUF=$(SMOLLM2_GGUF) $(PY) bench/lut.py
 	ANEMLL_MLX_SMOLLM2_GGUF=$(SMOLLM2_GGUF) $(PY) bench/export.py
 	ANEMLL_MLX_SMOLLM2_GGUF=$(SMOLLM2_GGUF) $(PY) bench/executor.py
+	ANEMLL_MLX_SMOLLM2_GGUF=$(SMOLLM2_GGUF) $(PY) bench/serve.py
 
 # ruff on everything; mypy holds the package (the model files included) to the op vocabulary's types
 lint: $(STAMP)

@@ -55,3 +55,29 @@ def smollm2_gguf() -> Path:
             "SmolLM2-135M-Instruct.Q4_1.gguf; the hub is unreachable here)"
         )
     return path
+
+
+@pytest.fixture(scope="session")
+def tiny_export(tiny_model_factory: Callable[..., Path], tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """(model folder, its FP16 export) of a tiny llama at context 128, batch 16: what the commands
+    that run exports (generate, chat, serve) are tested on through the mil driver.  Read only."""
+    from anemll_mlx.export import ExportOptions, export_model
+    from anemll_mlx.loading import load
+
+    folder = tiny_model_factory("llama")
+    out = tmp_path_factory.mktemp("tiny-export") / "export"
+    export_model(load(folder, "float32"), out, ExportOptions(context=128, batch=16))
+    return folder, out
+
+
+ANEMLL_FIXTURES = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "anemll-0.3.5"
+
+
+@pytest.fixture(scope="session")
+def anemll_fixtures() -> Path:
+    """ANEMLL 0.3.5's own exports of a tiny random LLaMA and the model they came from (see its
+    PROVENANCE.md); ``$ANEMLL_MLX_FIXTURES`` points elsewhere."""
+    path = Path(os.environ.get("ANEMLL_MLX_FIXTURES", ANEMLL_FIXTURES))
+    if not (path / "export-fp16" / "meta.yaml").is_file():
+        pytest.skip(f"ANEMLL fixtures not found at {path} (the shared folder beside the repository)")
+    return path

@@ -361,9 +361,11 @@ def test_meta_yaml_names_and_tokenizer_files(cache):
     assert p["context_length"] == CONTEXT and p["batch_size"] == BATCH
     assert (p["lut_embeddings"], p["lut_ffn"], p["lut_lmhead"]) == ("none", "none", "none")
     assert p["num_chunks"] == 2 and p["model_prefix"] == "llama"
-    assert p["embeddings"] == "llama_embeddings"
-    assert p["lm_head"] == "llama_lm_head"
-    assert p["ffn"] == "llama_FFN_PF_chunk_01of02"
+    # the compiled names, as ANEMLL writes them: its Swift runtime opens them verbatim
+    assert p["embeddings"] == "llama_embeddings.mlmodelc"
+    assert p["lm_head"] == "llama_lm_head.mlmodelc"
+    assert p["ffn"] == "llama_FFN_PF_chunk_01of02.mlmodelc"
+    assert p["prefill_dynamic_slice"] is True  # our prefill writes its batch at any current_pos
     vocab = load(folder, "float32").model.args.vocab_size
     assert p["split_lm_head"] == 1 and p["lm_head_chunk_sizes"] == [vocab]
     ours = meta["anemll_mlx"]
@@ -390,8 +392,8 @@ def test_lut_names_and_meta(cache):
     p = yaml.safe_load((out / "meta.yaml").read_text())["model_info"]["parameters"]
     assert p["lut_ffn"] == 8 and p["lut_ffn_per_channel"] == 8
     assert p["lut_embeddings"] == "none" and p["lut_lmhead"] == "none"
-    assert p["ffn"] == "llama_FFN_PF_lut8_chunk_01of01"
-    assert p["embeddings"] == "llama_embeddings" and p["lm_head"] == "llama_lm_head"
+    assert p["ffn"] == "llama_FFN_PF_lut8_chunk_01of01.mlmodelc"
+    assert p["embeddings"] == "llama_embeddings.mlmodelc" and p["lm_head"] == "llama_lm_head.mlmodelc"
     assert (out / "llama_FFN_PF_lut8_chunk_01of01.mlpackage").is_dir()
 
 
@@ -519,8 +521,8 @@ def test_interrupted_export_leaves_the_destination_as_it_was(cache, tmp_path, ex
 
 def lm_head_path(out: Path) -> Path:
     name = yaml.safe_load((out / "meta.yaml").read_text())["model_info"]["parameters"]["lm_head"]
-    assert name == "qwen25_lm_head"  # ANEMLL's prefix for the qwen2 family
-    return out / f"{name}.mlpackage"
+    assert name == "qwen25_lm_head.mlmodelc"  # ANEMLL's prefix for the qwen2 family; the compiled name
+    return out / name.replace(".mlmodelc", ".mlpackage")
 
 
 @pytest.mark.slow

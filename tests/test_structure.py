@@ -120,6 +120,7 @@ FILE_STEMS = ("_FFN_PF", "_chunk_", "_embeddings", "_lm_head")  # the pieces of 
 # meta.yaml by design, so they are not format-only words)
 META_KEYS = (
     "model_info", "context_length", "batch_size", "num_chunks", "model_prefix", "split_lm_head", "lm_head_chunk_sizes", "argmax_in_model", "sliding_window", "recommended_sampling",
+    "prefill_dynamic_slice",
     "lut_", "_per_channel", "kv_state", "kv_states", "chunk_layers", "source_sha256", "attention_chunk",
 )  # fmt: skip
 PROGRAM_NAMES = (

@@ -69,44 +69,162 @@ def user_errors() -> Iterator[None]:
 
 
 ModelArg = Annotated[str, typer.Argument(help="Hugging Face folder, hub id org/name, or .gguf file")]
+SpecArg = Annotated[
+    str,
+    typer.Argument(
+        help="A driver spec (mlx:MODEL[@fp32|fp16|bf16], mil:DIR, coreml:DIR) or a bare path: an export "
+        "folder runs on coreml on macOS and mil elsewhere, anything else is a model for mlx"
+    ),
+]
+
+# sampling flags shared by generate and chat: None = the export's recommended_sampling, else the default
+TempOpt = Annotated[float | None, typer.Option(help="Sampling temperature; 0 is greedy [default: the export's recommendation, else 0]")]
+TopPOpt = Annotated[float | None, typer.Option(help="Nucleus sampling mass [default: recommended, else 1]")]
+TopKOpt = Annotated[int | None, typer.Option(help="Sample from the K most likely tokens; 0: all [default: recommended, else 0]")]
+PenaltyOpt = Annotated[float | None, typer.Option(help="Repetition penalty over the last 20 tokens; 1: none")]
+
+
+def _open(spec_text: str, dtype: str | None = None, whole_context: bool = False):
+    """A driver from a spec or a bare path, the spec checked before anything loads; a bare path
+    that names an export says once which driver runs it.  The MLX reference gets the model's whole
+    context with ``whole_context`` (``generate`` sizes its cache per call), else ``MLX_CONTEXT``
+    positions (chat and serve keep one cache of that size)."""
+    from .loading import parse_dtype
+    from .runtime.drivers import MLX_DTYPES, MLXDriver, open_driver, parse_spec, resolve_spec
+
+    spec, note = resolve_spec(spec_text)
+    if dtype is not None:
+        parse_dtype(dtype)
+        if spec.kind != "mlx" or spec_text.startswith("mlx:"):
+            raise BadArgumentError("--dtype applies to a bare model path; give the dtype in the spec (mlx:MODEL@fp16)")
+        short = {v: k for k, v in MLX_DTYPES.items()}.get(dtype, dtype)
+        spec = parse_spec(f"mlx:{spec_text}@{short}")
+    if note:
+        print(note, file=sys.stderr)
+    driver = open_driver(spec)
+    if isinstance(driver, MLXDriver) and whole_context:
+        driver.context_length = driver.lm.model.args.max_position_embeddings
+    return driver
+
+
+def _sampling(driver, temp, top_p, top_k, repetition_penalty, seed):
+    from .generate import Sampling, recommended_sampling
+
+    sampling = Sampling.choose(
+        recommended_sampling(driver), temp=temp, top_p=top_p, top_k=top_k, repetition_penalty=repetition_penalty, seed=seed
+    )
+    sampling.check()
+    return sampling
+
+
+def _check_sampling_flags(temp, top_p, top_k, repetition_penalty, max_tokens) -> None:
+    """The sampling flags alone, before any model loads."""
+    from .generate import Sampling
+
+    Sampling(temp or 0.0, 1.0 if top_p is None else top_p, None, top_k or 0, 1.0 if repetition_penalty is None else repetition_penalty).check()
+    if max_tokens < 1:
+        raise BadArgumentError(f"--max-tokens must be >= 1, got {max_tokens}")
 
 
 @app.command()
 def generate(
-    model: ModelArg,
+    model: SpecArg,
     prompt: Annotated[str, typer.Option(help="Text to complete")] = "Hello",
-    max_tokens: Annotated[int, typer.Option(help="Tokens to generate at most")] = 256,
-    temp: Annotated[float, typer.Option(help="Sampling temperature; 0 is greedy")] = 0.0,
-    top_p: Annotated[float, typer.Option(help="Nucleus sampling mass")] = 1.0,
+    max_tokens: Annotated[int, typer.Option(help="Tokens to generate at most (fewer where the context ends)")] = 256,
+    temp: TempOpt = None,
+    top_p: TopPOpt = None,
+    top_k: TopKOpt = None,
+    repetition_penalty: PenaltyOpt = None,
     chat: Annotated[bool, typer.Option("--chat/--no-chat", help="Wrap the prompt in the chat template")] = True,
-    dtype: Annotated[str, typer.Option(help="float32, float16 or bfloat16")] = "float32",
+    dtype: Annotated[str | None, typer.Option(help="float32, float16 or bfloat16 for a bare model path [default: float32]")] = None,
     seed: Annotated[int, typer.Option(help="Random seed for sampling")] = 0,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object last")] = False,
 ) -> None:
-    """Stream a completion from the MLX reference, then speed and memory figures."""
-    from .generate import Sampling
+    """Stream a completion from any driver (the MLX reference or an export), then speed and memory figures."""
     from .generate import generate as run_generate
-    from .loading import load, parse_dtype
-    from .runtime.drivers import MLXDriver
 
     with user_errors():
         if not prompt.strip():
             raise BadArgumentError("--prompt must not be empty")
-        parse_dtype(dtype)
-        sampling = Sampling(temp, top_p, seed)
-        sampling.check()
-        if max_tokens < 1:
-            raise BadArgumentError(f"--max-tokens must be >= 1, got {max_tokens}")
-        lm = load(model, dtype)
-        driver = MLXDriver(lm, f"mlx:{model}", context=lm.model.args.max_position_embeddings)
+        _check_sampling_flags(temp, top_p, top_k, repetition_penalty, max_tokens)
+        driver = _open(model, dtype, whole_context=True)
+        sampling = _sampling(driver, temp, top_p, top_k, repetition_penalty, seed)
         result = run_generate(driver, prompt, max_tokens, sampling, chat, on_text=lambda s: print(s, end="", flush=True))
     print()
     print("=" * 10)
     print(f"Prompt: {result.prompt_tokens} tokens, {result.prompt_tps:.1f} tokens/s")
     print(f"Generation: {len(result.tokens)} tokens, {result.generation_tps:.1f} tokens/s")
     print(f"Peak memory: {result.peak_memory_gb:.3f} GB")
+    if result.context_full:
+        print(f"(stopped at the context of {driver.context_length} tokens)", file=sys.stderr)
     if as_json:
         print(json.dumps(result.as_json()))
+
+
+@app.command("chat")
+def chat_command(
+    model: SpecArg,
+    system: Annotated[str | None, typer.Option(help="System prompt")] = None,
+    max_tokens: Annotated[int, typer.Option(help="Tokens per answer at most")] = 512,
+    temp: TempOpt = None,
+    top_p: TopPOpt = None,
+    top_k: TopKOpt = None,
+    repetition_penalty: PenaltyOpt = None,
+    seed: Annotated[int | None, typer.Option(help="Random seed for sampling")] = None,
+    trim: Annotated[bool, typer.Option("--trim", help="Drop the oldest turns when the conversation outgrows the context")] = False,
+) -> None:
+    """Talk to a model or an export: streaming answers, multi-turn history whose KV state is kept
+    (only the new turn is prefilled), /reset, /system, /quit; Ctrl-C stops an answer."""
+    from .chat import Chat, ChatOptions, repl
+
+    with user_errors():
+        _check_sampling_flags(temp, top_p, top_k, repetition_penalty, max_tokens)
+        driver = _open(model)
+        sampling = _sampling(driver, temp, top_p, top_k, repetition_penalty, seed)
+        session = Chat(driver, ChatOptions(system, max_tokens, sampling, trim))
+
+        def read_line() -> str | None:
+            try:
+                return input()
+            except EOFError:
+                return None
+
+        def write(text: str) -> None:
+            print(text, end="", flush=True)
+
+        repl(session, read_line, write)
+
+
+@app.command()
+def serve(
+    model: SpecArg,
+    host: Annotated[str, typer.Option(help="Address to listen on (loopback by default; 0.0.0.0 exposes it)")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port (0: any free one, printed)")] = 8080,
+    model_name: Annotated[str | None, typer.Option(help="The model id clients see [default: the folder or file name]")] = None,
+) -> None:
+    """An OpenAI-compatible HTTP API (/v1/models, /v1/chat/completions, /v1/completions) over one driver."""
+    from pathlib import Path
+
+    from . import serve as server
+
+    with user_errors():
+        if not 0 <= port <= 65535:
+            raise BadArgumentError(f"--port must be in 0..65535, got {port}")
+        sock = server.listen(host, port)  # before loading: a busy port is known at once
+        try:
+            engine = server.Engine(lambda: _open(model))  # opened on the thread that will run it
+            driver = engine.driver
+            name = model_name or Path(model.partition(":")[2] if ":" in model else model).name or model
+            bound = sock.getsockname()[1]
+            print(f"serving {name} ({driver.name}, context {driver.context_length}) at http://{host}:{bound}/v1", flush=True)
+            try:
+                server.run(engine, sock, name)
+            except interrupts.Interrupted as e:  # uvicorn shut down gracefully, then re-raised the signal
+                interrupts.clear()
+                print(f"serve: {e.message}, stopped", file=sys.stderr)
+                raise typer.Exit(e.exit_code) from None
+        finally:
+            sock.close()
 
 
 @app.command()
@@ -294,46 +412,105 @@ def inspect(
 
 @app.command()
 def compare(
-    reference: Annotated[str, typer.Option(help="Reference driver: mlx:MODEL[@fp32|fp16|bf16][+scale=A][+lut=SPEC], mil:DIR or coreml:DIR")],
-    candidate: Annotated[str, typer.Option(help="Candidate driver spec")],
+    reference: Annotated[str | None, typer.Option(help="Reference driver: mlx:MODEL[@fp32|fp16|bf16][+scale=A][+lut=SPEC], mil:DIR or coreml:DIR")] = None,
+    candidate: Annotated[str | None, typer.Option(help="Candidate driver spec")] = None,
     prompts: Annotated[str | None, typer.Option(help="Prompt file: JSONL with a 'prompt' key, or one per line")] = None,
     prompt: Annotated[list[str] | None, typer.Option(help="A prompt (repeatable)")] = None,
-    max_tokens: Annotated[int, typer.Option(help="Steps per prompt (fewer when the reference ends its turn)")] = 32,
+    max_tokens: Annotated[int | None, typer.Option(help="Steps per prompt (fewer when the reference ends its turn) [default: 32]")] = None,
     free_run: Annotated[bool, typer.Option("--free-run", help="Let each generate on its own; report where they part")] = False,
     chat: Annotated[bool, typer.Option("--chat/--no-chat", help="Wrap prompts in the chat template")] = True,
     out: Annotated[str | None, typer.Option(help="Folder for results.jsonl and summary.json")] = None,
-    force: Annotated[bool, typer.Option("--force", help="Replace earlier compare results in --out")] = False,
+    force: Annotated[bool, typer.Option("--force", help="Replace earlier results in --out / an earlier --save-golden file")] = False,
     max_kl: Annotated[float | None, typer.Option(help="Exit 1 when the mean KL exceeds this")] = None,
     min_match: Annotated[float | None, typer.Option(help="Exit 1 when the match rate is below this (0-1)")] = None,
+    save_golden: Annotated[str | None, typer.Option("--save-golden", help="Store the reference's prompt ids, logits and greedy tokens in this .npz")] = None,
+    golden: Annotated[str | None, typer.Option("--golden", help="Check --candidate against a --save-golden file instead of a reference model")] = None,
+    min_cosine: Annotated[float, typer.Option(help="With --golden: exit 1 when a position's logits cosine is below this")] = 0.97,
+    max_token_mismatches: Annotated[int, typer.Option(help="With --golden: greedy tokens allowed to differ from the reference's")] = 0,
 ) -> None:
-    """How far a candidate (an export) drifts from a reference, step by step."""
+    """How far a candidate (an export) drifts from a reference, step by step; or, for models too big
+    to hold twice, against a golden file the reference left (--save-golden, then --golden)."""
     from pathlib import Path
 
     from rich.progress import Progress
 
+    from .eval import golden as goldens
     from .eval.compare import check_thresholds, gate, render_table, verdict, write_results
     from .eval.compare import compare as run_compare
     from .eval.prompts import load_prompts
-    from .output import OutputFolder
+    from .output import OutputFile, OutputFolder
     from .runtime.drivers import open_driver, parse_spec
 
     with user_errors():
-        if max_tokens < 1:
-            raise BadArgumentError(f"--max-tokens must be >= 1, got {max_tokens}")
+        steps = 32 if max_tokens is None else max_tokens
+        if steps < 1:
+            raise BadArgumentError(f"--max-tokens must be >= 1, got {steps}")
         check_thresholds(max_kl, min_match)
-        specs = [parse_spec(reference), parse_spec(candidate)]
+        goldens.check_golden_thresholds(min_cosine, max_token_mismatches)
+        if golden is not None:
+            if reference is not None or save_golden is not None:
+                raise BadArgumentError("--golden replaces --reference (and cannot be saved again): give --golden and --candidate")
+            if candidate is None:
+                raise BadArgumentError("--golden needs a --candidate to check")
+            if prompts or prompt or max_tokens is not None or free_run:
+                raise BadArgumentError("--golden brings its own prompts and steps (teacher-forced): drop --prompt(s), --max-tokens and --free-run")
+        elif reference is None:
+            raise BadArgumentError("give --reference (or --golden FILE)")
+        elif candidate is None and save_golden is None:
+            raise BadArgumentError("give --candidate, --save-golden FILE, or both")
+        if save_golden is not None and free_run:
+            raise BadArgumentError("--save-golden records teacher-forced steps: drop --free-run")
+        specs = [parse_spec(s) for s in (reference, candidate) if s is not None]
+        protect = [s.target for s in specs]
+        target = OutputFolder.check(out, kind="compare", force=force, protect=protect) if out else None
+        golden_file = OutputFile.check(save_golden, force=force, protect=protect, flag="--save-golden") if save_golden else None
+
+        def bar_run(label: str, work):
+            with Progress(console=console, transient=True) as bar:
+                task = bar.add_task(label, total=None)
+                return work(lambda done, total: bar.update(task, completed=done, total=total))
+
+        if golden is not None:
+            recorded = goldens.load(golden)
+            cand = open_driver(parse_spec(candidate))  # type: ignore[arg-type]
+            checked = bar_run("checking", lambda progress: goldens.check(recorded, cand, progress, cand.tokenizer.decode))
+            result = checked.compared
+            failures = gate(result.summary, max_kl, min_match) + goldens.golden_gate(checked, min_cosine, max_token_mismatches)
+            if target is not None:
+                with target.build() as folder:
+                    write_results(result, folder)
+            Console().print(render_table(result))
+            print(verdict(result.summary))
+            print(goldens.summary_line(checked))
+            for failure in failures:
+                print(f"gate: {failure}")
+            if failures:
+                raise typer.Exit(1)
+            return
+
         texts = load_prompts(Path(prompts) if prompts else None, list(prompt or []))
-        target = OutputFolder.check(out, kind="compare", force=force, protect=[s.target for s in specs]) if out else None
-        ref, cand = (open_driver(spec) for spec in specs)
+        ref = open_driver(specs[0])
         tokenizer = ref.tokenizer
         ids = [tokenizer.encode_prompt(text, chat) for text in texts]
-        with Progress(console=console, transient=True) as bar:
-            task = bar.add_task("comparing", total=None)
-            result = run_compare(
-                ref, cand, ids, max_tokens, free_run,
-                progress=lambda done, total: bar.update(task, completed=done, total=total),
-                texts=texts, detokenize=tokenizer.decode, stop_ids=tokenizer.eos_token_ids,
+        if golden_file is not None:
+            recorded = bar_run(
+                "recording",
+                lambda progress: goldens.record(ref, ids, steps, tokenizer.eos_token_ids, texts, progress),
             )
+            with golden_file.build() as partial:
+                goldens.save(recorded, partial)
+            positions = sum(len(t) for t in recorded.tokens)
+            print(f"saved {len(ids)} prompts, {positions} positions of {ref.name} to {golden_file.path}")
+            if candidate is None:
+                return
+        cand = open_driver(specs[1])
+        result = bar_run(
+            "comparing",
+            lambda progress: run_compare(
+                ref, cand, ids, steps, free_run, progress=progress,
+                texts=texts, detokenize=tokenizer.decode, stop_ids=tokenizer.eos_token_ids,
+            ),
+        )  # fmt: skip
         if target is not None:
             with target.build() as folder:
                 write_results(result, folder)

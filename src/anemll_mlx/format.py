@@ -13,6 +13,12 @@ Layout of a folder:
         hidden_states, position_ids, causal_mask, current_pos + the KV state -> output_hidden_states
     {prefix}_lm_head[_lutB].mlpackage           hidden_states (1, 1, H) -> logits1..N | argmax_idx/val
     meta.yaml, config.json, tokenizer files
+
+Exports made by ANEMLL itself (0.3.5) differ in ways a host must follow (``shared/notes`` and
+docs/ARCHITECTURE.md): the KV state may hold more positions than the context (at least 512), the
+``causal_mask`` input is as wide as the program declares, and ``prefill`` may return a (1, 1, H)
+placeholder instead of the batch's hidden states, so the host runs the last prompt token through
+``infer`` again for its logits.
 """
 
 from __future__ import annotations
@@ -36,6 +42,10 @@ ARCHITECTURES = {"llama": "llama", "qwen3": "qwen", "qwen2": "qwen25", "gemma3_t
 
 
 # --- file stems ---------------------------------------------------------------------------------
+
+# meta.yaml names the compiled programs, as ANEMLL does: its Swift runtime opens those names verbatim
+# (a bare stem is "not found"), and its Python chat falls back to the .mlpackage beside them
+COMPILED = ".mlmodelc"
 
 
 def _lut_tag(bits: int | None) -> str:
@@ -73,7 +83,7 @@ def chunk_stems(first: str, total: int) -> list[str]:
 
 
 def _stem(name: str) -> str:
-    return name.removesuffix(".mlmodelc").removesuffix(".mlpackage")
+    return name.removesuffix(COMPILED).removesuffix(".mlpackage")
 
 
 # --- functions, inputs, outputs -----------------------------------------------------------------
@@ -118,6 +128,18 @@ def host_function(kind: str, start: int, tokens: int, window: int | None) -> str
             "the export's batch size must divide its window"
         )
     return kind + ROTATE if start >= window else kind
+
+
+def straddles(start: int, tokens: int, window: int | None) -> bool:
+    """Whether a ``tokens``-token call at ``start`` would cross the sliding window ``window`` (a
+    split-cache export can only run it as single tokens up to the window)."""
+    return window is not None and start < window < start + tokens
+
+
+def returns_batch(output_rows: int, tokens: int) -> bool:
+    """Whether a ``prefill`` returned the hidden states of its whole batch (ours) rather than
+    ANEMLL's (1, 1, H) placeholder, after which the host runs the last token through ``infer``."""
+    return output_rows >= tokens
 
 
 def logits_name(piece: int) -> str:
@@ -238,6 +260,9 @@ class ExportMeta:
     argmax_in_model: bool = False
     sliding_window: int | None = None
     recommended_sampling: dict | None = None
+    # the prefill writes its batch at any current_pos (ours always do); ANEMLL's Swift runtime
+    # then prefills partial batches in one call instead of token by token
+    prefill_dynamic_slice: bool = True
     version: str = ""
     # our own section
     ours: bool = True
@@ -276,13 +301,14 @@ class ExportMeta:
             {
                 "num_chunks": len(self.files.chunks),
                 "model_prefix": self.prefix,
-                "embeddings": self.files.embeddings,
-                "lm_head": self.files.lm_head,
-                "ffn": self.files.chunks[0],
+                "embeddings": self.files.embeddings + COMPILED,
+                "lm_head": self.files.lm_head + COMPILED,
+                "ffn": self.files.chunks[0] + COMPILED,
                 "split_lm_head": self.split_lm_head,
                 "vocab_size": self.vocab_size,
                 "lm_head_chunk_sizes": self.head_sizes,
                 "argmax_in_model": self.argmax_in_model,
+                "prefill_dynamic_slice": self.prefill_dynamic_slice,
             }
         )
         if self.sliding_window:
@@ -361,6 +387,7 @@ class ExportMeta:
             argmax_in_model=bool(params.get("argmax_in_model", False)),
             sliding_window=params.get("sliding_window"),
             recommended_sampling=params.get("recommended_sampling"),
+            prefill_dynamic_slice=bool(params.get("prefill_dynamic_slice", bool(ours))),
             ours=bool(ours),
             source=ours.get("source"),
             source_sha256=ours.get("source_sha256"),
@@ -373,6 +400,34 @@ class ExportMeta:
             kv_states=_read_states(ours),
             missing_info=[k for k in MODEL_INFO_KEYS if k not in info],
         )
+
+
+@dataclass(frozen=True)
+class RecommendedSampling:
+    """meta.yaml's optional ``recommended_sampling`` (read by ANEMLL's Swift runtime): None where
+    it says nothing.  ``do_sample: false`` means greedy."""
+
+    temperature: float | None = None
+    top_p: float | None = None
+    top_k: int | None = None
+
+
+def recommended_sampling(meta: ExportMeta) -> RecommendedSampling:
+    block = meta.recommended_sampling
+    if not isinstance(block, dict):
+        return RecommendedSampling()
+    try:
+        temp = block.get("temperature")
+        if block.get("do_sample") is False:
+            temp = 0.0
+        top_p, top_k = block.get("top_p"), block.get("top_k")
+        return RecommendedSampling(
+            float(temp) if temp is not None else None,
+            float(top_p) if top_p is not None else None,
+            int(top_k) if top_k is not None else None,
+        )
+    except (TypeError, ValueError) as e:
+        raise CorruptModelError(f"{META} recommended_sampling is malformed ({e})") from None
 
 
 def _read_lut(params: dict, name: str) -> LUTSetting | None:

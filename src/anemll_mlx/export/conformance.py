@@ -108,7 +108,8 @@ def _check_states(function: str, declared: dict[str, list[int]], expected: dict[
     for name, shape in expected.items():
         if shape and declared[name] != list(shape):
             problems.append(f"{function}: KV state {name} shape {declared[name]}, expected {list(shape)}")
-        elif len(expected) == 1 and declared[name][2] != context:
+        elif len(expected) == 1 and declared[name][2] < context:
+            # more positions than the context is fine: ANEMLL's own state holds at least 512
             problems.append(f"{function}: KV state holds {declared[name][2]} positions, context is {context}")
     return problems
 

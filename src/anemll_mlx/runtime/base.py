@@ -44,6 +44,23 @@ class Driver(Protocol):
         ...
 
 
+@runtime_checkable
+class ResumableDriver(Driver, Protocol):
+    """A driver that can continue a conversation: what chat and serve need beyond ``Driver``.
+
+    ``prefill`` feeds its tokens at ``position`` (the whole prompt after ``reset``, or the rest of
+    one after ``rewind``), so a new turn that extends what the KV state already holds runs only the
+    new tokens.  The drivers of ``runtime.drivers`` (mlx, mil, coreml) are all resumable.
+    """
+
+    position: int  # tokens the KV state holds: where the next prefill or decode writes
+
+    def rewind(self, position: int) -> None:
+        """Keep only the first ``position`` tokens (0 <= position <= self.position).  The positions
+        past it stay in the state, hidden by the causal mask until they are written again."""
+        ...
+
+
 def last_logits(logits: np.ndarray, vocab_size: int, who: str) -> np.ndarray:
     """The prediction for the next position out of a ``prefill`` or ``decode`` result.
 

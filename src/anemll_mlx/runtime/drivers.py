@@ -81,6 +81,26 @@ def parse_spec(spec: str) -> DriverSpec:
     return DriverSpec(spec, kind, target, dtype, scale, LUTConfig(ffn=ffn) if ffn else None)
 
 
+def export_kind() -> str:
+    """Where an export folder runs when a bare path names it: Core ML on macOS, our executor elsewhere."""
+    return "coreml" if platform.system() == "Darwin" else "mil"
+
+
+def resolve_spec(text: str) -> tuple[DriverSpec, str | None]:
+    """A driver spec (``kind:target``), or a bare path: an export folder (it holds meta.yaml) runs on
+    ``export_kind()``, anything else is a model for mlx.  Returns the spec and, for a bare path, a
+    sentence saying which driver was chosen (the CLI prints it once)."""
+    kind, sep, _ = text.partition(":")
+    if sep and kind in KINDS:
+        return parse_spec(text), None
+    path = Path(text).expanduser()
+    if path.is_dir() and (path / fmt.META).is_file():
+        kind = export_kind()
+        why = "Core ML" if kind == "coreml" else "our MIL executor; Core ML needs macOS"
+        return parse_spec(f"{kind}:{text}"), f"{text} is an export: running it as {kind}:{text} ({why})"
+    return parse_spec(f"mlx:{text}"), None
+
+
 class MLXDriver:
     """Our MLX model behind the driver interface, with a fixed-size cache of up to ``context`` tokens."""
 
@@ -102,7 +122,17 @@ class MLXDriver:
         self.position += len(ids)
         return np.array(logits.astype(mx.float32))
 
+    def rewind(self, position: int) -> None:
+        """Keep the first ``position`` tokens: the cache attends only up to the filled position."""
+        if not 0 <= position <= self.position:
+            raise ValueError(f"cannot rewind to {position}: the cache holds {self.position} tokens")
+        self.position = position
+
     def prefill(self, token_ids: Sequence[int]) -> np.ndarray:
+        if self.position + len(token_ids) > self.cache.context:
+            raise BadArgumentError(
+                f"{self.position + len(token_ids)} tokens do not fit the context of {self.cache.context}"
+            )
         return self._run(token_ids)
 
     def decode(self, token_id: int) -> np.ndarray:
@@ -116,18 +146,31 @@ class MILRunner:
         self.programs: dict[str, MILExecutor] = {}
         self.states: dict[str, mx.array] = {}
 
-    def run(self, program: str, function: str | None, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    def _executor(self, program: str) -> MILExecutor:
         if program not in self.programs:
             from .mil_executor import MILExecutor  # coremltools is imported only when an export runs
 
             self.programs[program] = MILExecutor.load(program)
-        executor = self.programs[program]
+        return self.programs[program]
+
+    def run(self, program: str, function: str | None, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        executor = self._executor(program)
         name = function or executor.functions[0]
         out = executor.run(name, inputs, self.states)
         return {k: np.array(v) for k, v in out.items()}
 
     def reset_state(self) -> None:
         self.states.clear()
+
+    def input_shape(self, program: str, function: str, name: str) -> tuple[int, ...] | None:
+        executor = self._executor(program)
+        if function not in executor.functions:
+            return None
+        shape = executor.inputs(function).get(name, (None, None))[0]
+        if shape is None:
+            return None
+        dims = [d for d in shape if d is not None]
+        return tuple(dims) if len(dims) == len(shape) else None
 
 
 class CoreMLRunner:
@@ -166,6 +209,18 @@ class CoreMLRunner:
 
     def reset_state(self) -> None:
         self.state = None
+
+    def input_shape(self, program: str, function: str, name: str) -> tuple[int, ...] | None:
+        """From the package's spec; a compiled .mlmodelc carries none (the host then assumes the context)."""
+        if program.endswith(".mlmodelc"):
+            return None
+        spec = self._model(program, function).get_spec()
+        for f in spec.description.functions:
+            if f.name == function:
+                for i in f.input:
+                    if i.name == name:
+                        return tuple(int(d) for d in i.type.multiArrayType.shape)
+        return None
 
 
 def open_driver(spec: str | DriverSpec, context: int | None = None):

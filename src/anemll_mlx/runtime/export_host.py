@@ -1,11 +1,26 @@
 """Driving an export the way ANEMLL's runtimes do, over any executor of its programs.
 
-Host logic only: embed the tokens, run every chunk's ``prefill`` over full batches (the last one
-padded, its padding hidden by the causal mask) or ``infer`` for one token, then the LM head on
-the last real position.  The KV state(s) are shared by all chunks and functions.  Gemma3 exports
-whose context exceeds their sliding window W (meta.yaml gives it) have rotate variants of both
-functions, called instead once a call's current_pos >= W (``format.host_function``).  The
-``mil`` driver plugs in our executor; the ``coreml`` driver plugs in Core ML.
+Host logic only: embed the tokens, run every chunk's ``prefill`` over whole batches (a partial
+one padded: its padding lands on future positions, hidden by the causal mask and overwritten by
+later writes) or ``infer`` for single tokens, then the LM head on the last real position.  The
+KV state(s) are shared by all chunks and functions.  Gemma3 exports whose context exceeds their
+sliding window W (meta.yaml gives it) have rotate variants of both functions, called instead once
+a call's current_pos >= W (``format.host_function``).  The ``mil`` driver plugs in our executor;
+the ``coreml`` driver plugs in Core ML.
+
+Continuing a conversation (``rewind`` then ``prefill`` of the new tokens) starts a prefill at any
+position.  A batch may start anywhere its ``batch`` rows fit in the context (the program writes
+them at ``current_pos``: ANEMLL calls this ``prefill_dynamic_slice``); a remainder of fewer than
+``PREFILL_MIN`` tokens, a batch that would run past the context or straddle the sliding window,
+and any unaligned batch of an ANEMLL export that does not declare dynamic slices, run through
+``infer`` one token at a time.  Measured with the mil executor on SmolLM2-135M (2 cores): a
+64-token prefill costs 4-7 single-token infers, so a padded batch wins from a few tokens on
+(on the ANE the ratio is lower still).
+
+ANEMLL's own exports (0.3.5) need two more things, both read from the programs rather than from
+meta.yaml: the ``causal_mask`` is as wide as the function declares (their KV state holds 512
+positions whatever the context), and ``prefill`` returns a (1, 1, H) placeholder, so the last
+prompt token runs through ``infer`` again (rewriting its own KV entry) for the logits.
 """
 
 from __future__ import annotations
@@ -19,6 +34,8 @@ from .. import format as fmt
 from ..errors import UnsupportedError, UserError
 from ..loading.tokenizer import Tokenizer
 
+PREFILL_MIN = 4  # fewer remaining tokens than this at an unaligned position go through infer
+
 
 class ProgramRunner(Protocol):
     """Executes one function of one program file, keeping the KV state shared across calls."""
@@ -26,6 +43,10 @@ class ProgramRunner(Protocol):
     def run(self, program: str, function: str | None, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]: ...
 
     def reset_state(self) -> None: ...
+
+    def input_shape(self, program: str, function: str, name: str) -> tuple[int, ...] | None:
+        """The declared shape of an input, or None where the runner cannot tell (a compiled model)."""
+        ...
 
 
 class ExportHost:
@@ -44,6 +65,16 @@ class ExportHost:
         self.vocab_size = meta.vocab_size or 0
         self.position = 0
         self._tokenizer: Tokenizer | None = None
+        self._mask_width = self._read_mask_widths()
+
+    def _read_mask_widths(self) -> dict[str, int]:
+        """Each chunk function's causal_mask width as its program declares it (the context, for
+        exports without that information)."""
+        widths = {}
+        for f in fmt.chunk_functions(self.meta.batch, rotate=self.meta.window is not None):
+            shape = self.runner.input_shape(str(self.export.chunks[0]), f.name, fmt.CAUSAL_MASK)
+            widths[f.name] = int(shape[-1]) if shape else self.context_length
+        return widths
 
     @property
     def tokenizer(self) -> Tokenizer:
@@ -56,11 +87,17 @@ class ExportHost:
         self.runner.reset_state()
         self.position = 0
 
+    def rewind(self, position: int) -> None:
+        if not 0 <= position <= self.position:
+            raise ValueError(f"cannot rewind to {position}: the state holds {self.position} tokens")
+        self.position = position
+
     def _layers(self, hidden: np.ndarray, start: int, tokens: int, kind: str) -> np.ndarray:
         function = fmt.host_function(kind, start, tokens, self.meta.window)
+        width = self._mask_width.get(function, self.context_length)
         inputs: dict[str, np.ndarray] = {
             fmt.POSITION_IDS: np.arange(start, start + tokens, dtype=np.int32),
-            fmt.CAUSAL_MASK: fmt.causal_mask(start, tokens, self.context_length).astype(np.float16),
+            fmt.CAUSAL_MASK: fmt.causal_mask(start, tokens, width).astype(np.float16),
             fmt.CURRENT_POS: np.array([start], dtype=np.int32),
         }
         for chunk in self.export.chunks:
@@ -75,33 +112,54 @@ class ExportHost:
     def _embed(self, ids: np.ndarray) -> np.ndarray:
         return self.runner.run(str(self.export.embeddings), None, {fmt.INPUT_IDS: ids})[fmt.HIDDEN_STATES]
 
+    def _batch_fits(self, remaining: int) -> bool:
+        """Whether the next tokens go through one ``prefill`` batch at the current position."""
+        batch, pos = self.meta.batch, self.position
+        if pos + batch > self.context_length or fmt.straddles(pos, batch, self.meta.window):
+            return False
+        if pos % batch == 0:
+            return True
+        return remaining >= PREFILL_MIN and self.meta.prefill_dynamic_slice
+
+    def _infer(self, token: int) -> np.ndarray:
+        """Hidden state (1, 1, H) after one token at the current position."""
+        hidden = self._embed(np.array([[token]], dtype=np.int32))
+        hidden = self._layers(hidden, self.position, 1, fmt.INFER)
+        self.position += 1
+        return hidden
+
     def prefill(self, token_ids: Sequence[int]) -> np.ndarray:
-        """Logits (vocab,) after the prompt, which is processed in full ``batch``-token calls."""
+        """Logits (vocab,) after ``token_ids`` fed at the current position (see the module docstring)."""
         ids = list(token_ids)
         batch = self.meta.batch
         if not ids:
             raise UserError("cannot prefill an empty prompt")
         if self.position + len(ids) > self.context_length:
-            raise UserError(f"prompt of {len(ids)} tokens does not fit the export's context {self.context_length}")
-        if self.position % batch:
-            raise UserError("prefill must start at a multiple of the export's batch size; reset first")
-        last_hidden = None
-        for start in range(0, len(ids), batch):
-            piece = ids[start : start + batch]
-            padded = np.zeros((1, batch), dtype=np.int32)
-            padded[0, : len(piece)] = piece
-            pos = self.position + start
-            hidden = self._layers(self._embed(padded), pos, batch, fmt.PREFILL)
-            last_hidden = hidden[:, len(piece) - 1 : len(piece), :]
-        self.position += len(ids)
-        assert last_hidden is not None
-        return self._logits(last_hidden)
+            raise UserError(
+                f"{self.position + len(ids)} tokens do not fit the export's context of {self.context_length}"
+            )
+        last: np.ndarray | None = None
+        done = 0
+        while done < len(ids):
+            if self._batch_fits(len(ids) - done):
+                piece = ids[done : done + batch]
+                padded = np.zeros((1, batch), dtype=np.int32)
+                padded[0, : len(piece)] = piece
+                hidden = self._layers(self._embed(padded), self.position, batch, fmt.PREFILL)
+                rows = hidden.shape[1]
+                last = hidden[:, len(piece) - 1 : len(piece), :] if fmt.returns_batch(rows, batch) else None
+                self.position += len(piece)
+                done += len(piece)
+            else:
+                last = self._infer(ids[done])
+                done += 1
+        if last is None:  # ANEMLL's placeholder: the last token again, through infer
+            self.position -= 1
+            last = self._infer(ids[-1])
+        return self._logits(last)
 
     def decode(self, token_id: int) -> np.ndarray:
         """Logits (vocab,) after feeding one token at the next position."""
         if self.position >= self.context_length:
             raise UserError(f"the export's context of {self.context_length} tokens is full")
-        hidden = self._embed(np.array([[token_id]], dtype=np.int32))
-        hidden = self._layers(hidden, self.position, 1, fmt.INFER)
-        self.position += 1
-        return self._logits(hidden)
+        return self._logits(self._infer(token_id))
