@@ -192,9 +192,10 @@ def interrupt_at(args: list, marker: str, signum: int, cwd: Path) -> tuple[int, 
     """Run the CLI on a pseudo-terminal (so rich draws its progress), send ``signum`` once
     ``marker`` has been drawn, and return the exit code and everything it printed."""
     main, secondary = pty.openpty()
+    env = {**_env(), "ANEMLL_MLX_CACHE": str(cwd.parent / f"{cwd.name}-cache")}  # no earlier probe answer reused
     proc = subprocess.Popen(
         [str(CLI), *map(str, args)], stdin=subprocess.DEVNULL, stdout=secondary, stderr=secondary,
-        cwd=cwd, env=_env(), start_new_session=True,
+        cwd=cwd, env=env, start_new_session=True,
     )  # fmt: skip
     os.close(secondary)
     seen, sent = b"", False

@@ -94,11 +94,24 @@ class WeightStore:
                 self.fitted[target.name] = fitted
                 self._spent(target.holder, None)
             del weights
+            _give_back_freed_memory()
 
     def release(self) -> None:
         """Drop what was made for the package just saved (its LUTs and fp16 copies)."""
         self.fitted.clear()
         self.dense.clear()
+
+
+def _give_back_freed_memory() -> None:
+    """Ask glibc to return freed heap to the system: the fits' large temporaries otherwise stay in
+    the process (and in every worker forked after them) long after they are freed."""
+    if sys.platform == "linux":
+        import ctypes
+
+        try:
+            ctypes.CDLL("libc.so.6").malloc_trim(0)
+        except (OSError, AttributeError):
+            pass
 
 
 def _rows(holder: Linear | Embedding, rows: range | None) -> np.ndarray:
