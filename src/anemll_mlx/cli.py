@@ -282,7 +282,7 @@ def export(
     context: Annotated[int, typer.Option(help="Context length (KV cache positions)")] = 512,
     batch: Annotated[int, typer.Option(help="Tokens per prefill call")] = 64,
     chunk: Annotated[str, typer.Option(help="Number of FFN chunks, or auto (fewest under --max-chunk-mb)")] = "auto",
-    max_chunk_mb: Annotated[float, typer.Option(help="Weight budget per program in MB")] = 950.0,
+    max_chunk_mb: Annotated[float, typer.Option(help="Budget per program in MB (compiled bytes; above ~250 Core ML may leave the ANE)")] = 250.0,
     lut: Annotated[str, typer.Option(help="LUT for the FFN chunks: BITS[,GROUP|0|t] or none")] = "none",
     lut_lm_head: Annotated[str, typer.Option(help="LUT for the LM head")] = "none",
     lut_embeddings: Annotated[str, typer.Option("--lut-embeddings", "--lut-embed", help="LUT for the embeddings")] = "none",
@@ -388,12 +388,14 @@ def _stage_progress(name: str) -> Iterator:
 @app.command()
 def inspect(
     folder: Annotated[str, typer.Argument(help="Export folder (with meta.yaml)")],
-    max_chunk_mb: Annotated[float, typer.Option(help="Size budget per program in MB")] = 950.0,
+    max_chunk_mb: Annotated[float, typer.Option(help="Warn about programs larger than this (MB)")] = 250.0,
 ) -> None:
     """Check an export against ANEMLL's format; exit 1 when something is off."""
     from .export.conformance import inspect_export
 
     with user_errors():
+        if not max_chunk_mb > 0:
+            raise BadArgumentError(f"--max-chunk-mb must be > 0, got {max_chunk_mb}")
         parts, problems = inspect_export(folder, max_chunk_mb)
     table = Table(title=str(folder), box=box.SIMPLE_HEAD, show_edge=False, padding=(0, 1), collapse_padding=True)
     table.add_column("package", no_wrap=True)  # names are what a user greps for: never cut them
@@ -403,6 +405,9 @@ def inspect(
         table.add_row(p.name, ",".join(p.functions), f"{p.mb:.1f}", p.lut, "ok" if not p.problems else "; ".join(p.problems))
     Console().print(table)
     problems += [f"{p.name}: {q}" for p in parts for q in p.problems]
+    for p in parts:
+        for w in p.warnings:
+            print(f"warning: {p.name}: {w}")
     for q in problems:
         print(f"problem: {q}")
     print("conforms to the ANEMLL layout" if not problems else f"{len(problems)} problem(s)")

@@ -54,23 +54,33 @@ def _lut_tag(bits: int | None) -> str:
 
 @dataclass(frozen=True)
 class PartFiles:
-    """File stems of an export's programs (no suffix: .mlpackage, or .mlmodelc once compiled)."""
+    """File stems of an export's programs (no suffix: .mlpackage, or .mlmodelc once compiled).
 
-    embeddings: str
+    The embeddings and the LM head are one program each, as ANEMLL names them, unless the size
+    budget splits them (ours): then ``_NNofMM`` follows the name, and ANEMLL's keys name the first.
+    """
+
+    embeddings: list[str]
     chunks: list[str]
-    lm_head: str
+    lm_head: list[str]
 
     @classmethod
-    def named(cls, prefix: str, lut_bits: dict[str, int | None], chunks: int) -> PartFiles:
+    def named(
+        cls, prefix: str, lut_bits: dict[str, int | None], chunks: int, embeddings: int = 1, lm_heads: int = 1
+    ) -> PartFiles:
         ffn = f"{prefix}_FFN_PF{_lut_tag(lut_bits.get('ffn'))}"
         return cls(
-            embeddings=f"{prefix}_embeddings{_lut_tag(lut_bits.get('embeddings'))}",
+            embeddings=_numbered(f"{prefix}_embeddings{_lut_tag(lut_bits.get('embeddings'))}", embeddings),
             chunks=[f"{ffn}_chunk_{i + 1:02d}of{chunks:02d}" for i in range(chunks)],
-            lm_head=f"{prefix}_lm_head{_lut_tag(lut_bits.get('lm_head'))}",
+            lm_head=_numbered(f"{prefix}_lm_head{_lut_tag(lut_bits.get('lm_head'))}", lm_heads),
         )
 
     def all(self) -> list[str]:
-        return [self.embeddings, *self.chunks, self.lm_head]
+        return [*self.embeddings, *self.chunks, *self.lm_head]
+
+
+def _numbered(stem: str, count: int) -> list[str]:
+    return [stem] if count == 1 else [f"{stem}_{i + 1:02d}of{count:02d}" for i in range(count)]
 
 
 def chunk_stems(first: str, total: int) -> list[str]:
@@ -275,6 +285,7 @@ class ExportMeta:
     num_layers: int | None = None
     chunk_layers: list[range] | None = None
     kv_states: list[KVState] | None = None
+    head_part_pieces: list[int] | None = None  # LM-head pieces in each LM-head program (when split)
     missing_info: list[str] = field(default_factory=list)  # model_info keys ANEMLL reads that are absent
 
     @property
@@ -301,8 +312,8 @@ class ExportMeta:
             {
                 "num_chunks": len(self.files.chunks),
                 "model_prefix": self.prefix,
-                "embeddings": self.files.embeddings + COMPILED,
-                "lm_head": self.files.lm_head + COMPILED,
+                "embeddings": self.files.embeddings[0] + COMPILED,
+                "lm_head": self.files.lm_head[0] + COMPILED,
                 "ffn": self.files.chunks[0] + COMPILED,
                 "split_lm_head": self.split_lm_head,
                 "vocab_size": self.vocab_size,
@@ -337,6 +348,11 @@ class ExportMeta:
             "num_layers": self.num_layers,
             "chunk_layers": [[r.start, r.stop] for r in self.chunk_layers or []],
         }
+        if len(self.files.embeddings) > 1:  # split by the size budget: programs ANEMLL's runtimes do not know
+            ours["embeddings_parts"] = self.files.embeddings
+        if len(self.files.lm_head) > 1:
+            ours["lm_head_parts"] = self.files.lm_head
+            ours["lm_head_part_pieces"] = self.head_part_pieces
         states = self.kv_states or []
         if len(states) == 1 and states[0].name == KV_STATE:
             ours["kv_state"] = {"name": KV_STATE, "shape": list(states[0].shape)}
@@ -378,10 +394,11 @@ class ExportMeta:
             lut=lut,
             prefix=str(params["model_prefix"]),
             files=PartFiles(
-                embeddings=_stem(str(params["embeddings"])),
+                embeddings=[_stem(str(s)) for s in ours.get("embeddings_parts") or [params["embeddings"]]],
                 chunks=chunk_stems(str(params["ffn"]), chunks),
-                lm_head=_stem(str(params["lm_head"])),
+                lm_head=[_stem(str(s)) for s in ours.get("lm_head_parts") or [params["lm_head"]]],
             ),
+            head_part_pieces=[int(n) for n in ours["lm_head_part_pieces"]] if ours.get("lm_head_part_pieces") else None,
             head_sizes=head_sizes,
             vocab_size=int(vocab) if vocab else (sum(head_sizes) if head_sizes else None),
             argmax_in_model=bool(params.get("argmax_in_model", False)),
@@ -457,12 +474,12 @@ class ExportFolder:
 
     path: Path
     meta: ExportMeta
-    embeddings: Path
+    embeddings: list[Path]  # one program, or several when the size budget split the table
     chunks: list[Path]
-    lm_head: Path
+    lm_head: list[Path]  # likewise; their logits outputs continue one numbering (logits1..N)
 
     def programs(self) -> list[Path]:
-        return [self.embeddings, *self.chunks, self.lm_head]
+        return [*self.embeddings, *self.chunks, *self.lm_head]
 
 
 def _program(folder: Path, stem: str, prefer_compiled: bool, must_exist: bool) -> Path:
@@ -492,9 +509,9 @@ def read_export(folder: str | Path, prefer_compiled: bool = False, must_exist: b
     return ExportFolder(
         path=path,
         meta=meta,
-        embeddings=_program(path, files.embeddings, prefer_compiled, must_exist),
+        embeddings=[_program(path, stem, prefer_compiled, must_exist) for stem in files.embeddings],
         chunks=[_program(path, stem, prefer_compiled, must_exist) for stem in files.chunks],
-        lm_head=_program(path, files.lm_head, prefer_compiled, must_exist),
+        lm_head=[_program(path, stem, prefer_compiled, must_exist) for stem in files.lm_head],
     )
 
 

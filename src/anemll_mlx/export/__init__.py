@@ -32,7 +32,7 @@ from ..quant.lut import LUTConfig
 from ..transforms import apply_fp16_scale
 from . import package, programs
 from .meta import export_meta, write_tokenizer_files
-from .plan import ExportPlan, plan_export
+from .plan import DEFAULT_BUDGET_MB, ExportPlan, plan_export
 from .weights import WeightStore
 
 Progress = Callable[[str, int, int], None]  # (part, steps done, steps total)
@@ -43,7 +43,7 @@ class ExportOptions:
     context: int = 512
     batch: int = 64
     chunk: int | str = "auto"
-    max_chunk_mb: float = 950.0
+    max_chunk_mb: float = DEFAULT_BUDGET_MB
     lut: LUTConfig = field(default_factory=LUTConfig)
     fp16_scale: float | str | None = None  # a number, None (no scaling) or "auto" (recipe, else probe)
     prefix: str | None = None
@@ -111,9 +111,11 @@ class ExportResult:
     compiled: bool = False
 
 
-def part_files(prefix: str, options: ExportOptions, chunks: int) -> fmt.PartFiles:
+def part_files(prefix: str, options: ExportOptions, plan: ExportPlan) -> fmt.PartFiles:
     """File stems as ANEMLL names them (``format.PartFiles``)."""
-    return fmt.PartFiles.named(prefix, options.lut.bits(), chunks)
+    return fmt.PartFiles.named(
+        prefix, options.lut.bits(), len(plan.chunks), len(plan.embed_parts), len(plan.head_parts)
+    )
 
 
 def check_output(out: str | Path, force: bool, source: Path | None) -> OutputFolder:
@@ -157,7 +159,7 @@ def export_model(
         apply_fp16_scale(model, options.fp16_scale)
     plan = plan or options.plan(model)
     prefix = options.prefix or fmt.ARCHITECTURES[lm.architecture]
-    files = part_files(prefix, options, len(plan.chunks))
+    files = part_files(prefix, options, plan)
 
     def report(part: str, done: int, total: int) -> None:
         interrupts.check()
@@ -190,8 +192,10 @@ def export_model(
         shapes = ct.EnumeratedShapes(shapes=[(1, 1), (1, options.batch)], default=(1, options.batch))
         inputs = [ct.TensorType(name=fmt.INPUT_IDS, shape=shapes, dtype=np.int32)]
         store.prefit("embeddings")
-        embeddings = [] if tied else [model.model.embed_tokens]
-        build("embeddings", lambda: programs.embeddings_program(model, ops), files.embeddings, inputs, embeddings)
+        for i, (rows, stem) in enumerate(zip(plan.embed_parts, files.embeddings)):
+            done = i == len(plan.embed_parts) - 1 and not tied
+            embeddings = partial(programs.embeddings_program, model, ops, rows)
+            build(_numbered("embeddings", i, len(files.embeddings)), embeddings, stem, inputs, [model.model.embed_tokens] if done else [])
 
         functions = programs.chunk_functions(model, options.context, options.batch)
         for i, (layers, stem) in enumerate(zip(plan.chunks, files.chunks)):
@@ -201,8 +205,14 @@ def export_model(
             used = [model.model.layers[n] for n in layers]
             build(f"chunk {i + 1:02d}of{len(plan.chunks):02d}", chunk, stem, used=used)
 
-        head = partial(programs.lm_head_program, model, ops, plan.head_sizes, options.argmax_in_model)
-        build("lm_head", head, files.lm_head, used=[model.head])
+        first_piece = first_row = 0
+        for i, (sizes, stem) in enumerate(zip(plan.head_parts, files.lm_head)):
+            head = partial(
+                programs.lm_head_program, model, ops, sizes, options.argmax_in_model, first_piece, first_row
+            )
+            last = i == len(plan.head_parts) - 1
+            build(_numbered("lm_head", i, len(files.lm_head)), head, stem, used=[model.head] if last else [])
+            first_piece, first_row = first_piece + len(sizes), first_row + sum(sizes)
 
         write_tokenizer_files(lm, scratch)
         fmt.write_meta(scratch, export_meta(lm, options, plan, files, prefix))
@@ -213,6 +223,11 @@ def export_model(
     result.files = {stem: _size(target.path / f"{stem}.mlpackage") for stem in files.all()}
     result.seconds = time.perf_counter() - started
     return result
+
+
+def _numbered(part: str, index: int, count: int) -> str:
+    """A progress label: the part, numbered when the budget split it."""
+    return part if count == 1 else f"{part} {index + 1:02d}of{count:02d}"
 
 
 def _forget(module) -> None:

@@ -7,15 +7,18 @@ every deviation from ``anemll_mlx.format``; an empty list means the folder is go
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
+from typing import Any
 
 import coremltools as ct
 import numpy as np
 
 from .. import format as fmt
 from ..errors import CorruptModelError
-from .plan import ANE_MAX_CHANNELS, MB
+from .plan import ANE_MAX_CHANNELS, DEFAULT_BUDGET_MB, MB
 
 FP16, INT32 = 65552, 131104  # Core ML ArrayFeatureType data type codes
 
@@ -27,6 +30,7 @@ class PartReport:
     mb: float
     lut: str  # e.g. "4-bit, group 4 (210 weights)" or "fp16"
     problems: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)  # worth knowing, not a failure
 
 
 def _arrays(features) -> dict[str, tuple[list[int], int]]:
@@ -125,7 +129,8 @@ def _check_embeddings(spec, meta: fmt.ExportMeta) -> list[str]:
     return problems
 
 
-def _check_lm_head(spec, meta: fmt.ExportMeta) -> list[str]:
+def _check_lm_head(spec, meta: fmt.ExportMeta, pieces: range) -> list[str]:
+    """Problems of an LM-head program holding the pieces ``pieces`` (all of them unless split)."""
     problems = []
     outputs = _arrays(spec.description.output)
     if meta.argmax_in_model:
@@ -133,12 +138,11 @@ def _check_lm_head(spec, meta: fmt.ExportMeta) -> list[str]:
         if set(outputs) != expected_argmax:
             problems.append(f"argmax_in_model: outputs {sorted(outputs)}, expected {sorted(expected_argmax)}")
         return problems
-    split = meta.split_lm_head
-    expected = [fmt.logits_name(i) for i in range(split)]
+    expected = [fmt.logits_name(i) for i in pieces]
     if sorted(outputs) != sorted(expected):
-        problems.append(f"outputs {sorted(outputs)}, expected {expected} (split_lm_head {split})")
+        problems.append(f"outputs {sorted(outputs)}, expected {expected} (split_lm_head {meta.split_lm_head})")
     sizes = [outputs[k][0][-1] for k in expected if k in outputs and outputs[k][0]]
-    if meta.head_sizes and sizes and sizes != meta.head_sizes:
+    if meta.head_sizes and sizes and sizes != meta.head_sizes[pieces.start : pieces.stop]:
         problems.append(f"piece sizes {sizes} differ from lm_head_chunk_sizes {meta.head_sizes}")
     if sizes and max(sizes) > ANE_MAX_CHANNELS:
         problems.append(f"a piece has {max(sizes)} outputs, over the ANE's {ANE_MAX_CHANNELS}")
@@ -158,12 +162,20 @@ def _read_part(path: Path, functions: bool = False) -> tuple[PartReport, object 
         return PartReport(path.name, [], _size_mb(path), "-", [f"cannot be read ({reason})"]), None
 
 
-def inspect_export(folder: str | Path, budget_mb: float = 950.0) -> tuple[list[PartReport], list[str]]:
+def head_pieces(meta: fmt.ExportMeta, programs: int) -> list[range]:
+    """Which LM-head pieces each of ``programs`` LM-head programs holds."""
+    counts = meta.head_part_pieces or [meta.split_lm_head] * programs
+    starts = [sum(counts[:i]) for i in range(len(counts))]
+    return [range(a, a + n) for a, n in zip(starts, counts)]
+
+
+def inspect_export(folder: str | Path, warn_mb: float = DEFAULT_BUDGET_MB) -> tuple[list[PartReport], list[str]]:
     """Per-part reports and folder-level problems (empty lists of problems = conforms).
 
     Everything that can be checked is checked: a missing or damaged package is one problem among
     the others, not the end of the inspection.  Only a folder that is not an export at all (no
-    meta.yaml) raises.
+    meta.yaml) raises.  A part larger than ``warn_mb`` gets a warning, not a problem: Core ML may
+    run it off the Neural Engine without saying so (see ``export/plan.py``).
     """
     try:
         export = fmt.read_export(folder, must_exist=False)
@@ -173,14 +185,22 @@ def inspect_export(folder: str | Path, budget_mb: float = 950.0) -> tuple[list[P
     problems = [f"{fmt.META} model_info lacks '{k}'" for k in meta.missing_info]
     states = _expected_states(meta, problems)
     parts: list[PartReport] = []
-    checks = [(export.embeddings, False, lambda spec: _check_embeddings(spec, meta))]
+    checks: list[tuple[Path, bool, Callable[[Any], list[str]]]] = [
+        (path, False, lambda spec: _check_embeddings(spec, meta)) for path in export.embeddings
+    ]
     checks += [(chunk, True, lambda spec: _check_chunk(spec, meta, states)) for chunk in export.chunks]
-    checks += [(export.lm_head, False, lambda spec: _check_lm_head(spec, meta))]
+    checks += [
+        (path, False, partial(_check_lm_head, meta=meta, pieces=pieces))
+        for path, pieces in zip(export.lm_head, head_pieces(meta, len(export.lm_head)))
+    ]
     for path, functions, check in checks:
         part, spec = _read_part(path, functions)
         if spec is not None:
             part.problems += check(spec)
-        if part.mb > budget_mb:
-            part.problems.append(f"{part.mb:.0f} MB is over the {budget_mb:g} MB budget")
+        if part.mb > warn_mb:
+            part.warnings.append(
+                f"{part.mb:.0f} MB is over {warn_mb:g} MB: Core ML may run it on the GPU or CPU instead of the "
+                "Neural Engine without a word (re-export with a smaller --max-chunk-mb or a LUT)"
+            )
         parts.append(part)
     return parts, problems

@@ -65,6 +65,7 @@ def export_meta(lm: LoadedModel, options, plan: ExportPlan, files: fmt.PartFiles
         prefix=prefix,
         files=files,
         head_sizes=plan.head_sizes,
+        head_part_pieces=[len(part) for part in plan.head_parts] if len(plan.head_parts) > 1 else None,
         vocab_size=args.vocab_size,
         argmax_in_model=options.argmax_in_model,
         sliding_window=model.sliding_window,

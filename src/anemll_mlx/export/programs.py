@@ -55,10 +55,11 @@ def chunk_functions(model: DecoderModel, context: int, batch: int) -> list[fmt.C
     return fmt.chunk_functions(batch, rotate=split_window(model, context) is not None)
 
 
-def embeddings_program(model: DecoderModel, ops: MILOps) -> Program:
-    """Token ids of any length T (the converter pins T to 1 and batch) -> (1, T, hidden)."""
+def embeddings_program(model: DecoderModel, ops: MILOps, rows: range | None = None) -> Program:
+    """Token ids of any length T (the converter pins T to 1 and batch) -> (1, T, hidden); with
+    ``rows``, one program of a split table (zeros for ids outside its rows: the host sums them)."""
     specs = {fmt.INPUT_IDS: mb.TensorSpec((1, get_new_symbol()), dtype=types.int32)}
-    body = lambda i: [mb.identity(x=model.embed(ops, i[fmt.INPUT_IDS]), name=fmt.HIDDEN_STATES)]  # noqa: E731
+    body = lambda i: [mb.identity(x=model.embed(ops, i[fmt.INPUT_IDS], rows), name=fmt.HIDDEN_STATES)]  # noqa: E731
     return _program({"main": _function(specs, body)})
 
 
@@ -134,14 +135,20 @@ def chunk_function(
     return _function(specs, body)
 
 
-def lm_head_program(model: DecoderModel, ops: MILOps, sizes: list[int], argmax: bool) -> Program:
-    """Final hidden state (1, 1, hidden) -> logits in pieces, or each piece's argmax and its value."""
+def lm_head_program(
+    model: DecoderModel, ops: MILOps, sizes: list[int], argmax: bool, first_piece: int = 0, first_row: int = 0
+) -> Program:
+    """Final hidden state (1, 1, hidden) -> logits in pieces, or each piece's argmax and its value.
+
+    One program of a split head holds the pieces from ``first_piece`` (whose rows start at
+    ``first_row``), and its outputs continue the numbering: logits{first_piece + 1}, ...
+    """
     specs = {fmt.HIDDEN_STATES: mb.TensorSpec((1, 1, model.args.hidden_size), dtype=types.fp16)}
 
     def body(i):
-        pieces = model.logits(ops, i[fmt.HIDDEN_STATES], sizes)
+        pieces = model.logits(ops, i[fmt.HIDDEN_STATES], sizes, first_row)
         if not argmax:
-            return [mb.identity(x=p, name=fmt.logits_name(n)) for n, p in enumerate(pieces)]
+            return [mb.identity(x=p, name=fmt.logits_name(first_piece + n)) for n, p in enumerate(pieces)]
         flat = [mb.reshape(x=p, shape=[1, -1]) for p in pieces]
         idx = [mb.reduce_argmax(x=p, axis=-1, keep_dims=False) for p in flat]
         val = [mb.reduce_max(x=p, axes=[-1], keep_dims=False) for p in flat]

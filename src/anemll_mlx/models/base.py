@@ -214,8 +214,9 @@ class DecoderModel(nn.Module):
 
     # --- pieces, each taking the backend ``ops`` first
 
-    def embed(self, ops: Ops, ids: Tensor) -> Tensor:
-        return ops.tap("embedding", -1, ops.embed(ids, self.model.embed_tokens, self.embed_scale))
+    def embed(self, ops: Ops, ids: Tensor, rows: range | None = None) -> Tensor:
+        """Embeddings of ``ids`` (only of those in ``rows`` of the table, zeros for the others)."""
+        return ops.tap("embedding", -1, ops.embed(ids, self.model.embed_tokens, self.embed_scale, rows))
 
     def forward_layers(self, ops: Ops, h: Tensor, step: Step, layers: range | None = None) -> Tensor:
         for i in layers if layers is not None else range(len(self.model.layers)):
@@ -230,9 +231,9 @@ class DecoderModel(nn.Module):
         """The LM head's holder: ``lm_head``, or the embedding table when tied."""
         return self.lm_head if "lm_head" in self else self.model.embed_tokens
 
-    def logits(self, ops: Ops, h: Tensor, sizes: list[int] | None = None) -> list[Tensor]:
-        """Logits in pieces of ``sizes`` vocabulary rows (one piece when None)."""
-        return ops.lm_head(h, self.head, sizes)
+    def logits(self, ops: Ops, h: Tensor, sizes: list[int] | None = None, first_row: int = 0) -> list[Tensor]:
+        """Logits in pieces of ``sizes`` vocabulary rows from ``first_row`` (the rest, in one piece, when None)."""
+        return ops.lm_head(h, self.head, sizes, first_row)
 
     # --- eager MLX use
 

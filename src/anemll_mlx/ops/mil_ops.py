@@ -147,14 +147,24 @@ class MILOps:
         half = mb.slice_by_index(x=normed, begin=begin, end=end)
         return mb.mul(x=half, y=self._vector(norm, "weight"))
 
-    def embed(self, ids, table: Embedding, scale: float):
-        h = mb.gather(x=self.weight_for("embeddings", table, tuple(table.weight.shape), None), indices=ids, axis=0)
+    def embed(self, ids, table: Embedding, scale: float, rows: range | None = None):
+        vocab, hidden = table.weight.shape
+        if rows is None or (rows.start == 0 and rows.stop == vocab):
+            h = mb.gather(x=self.weight_for("embeddings", table, (vocab, hidden), None), indices=ids, axis=0)
+        else:  # one program of a split table: its own rows, zeros for the ids it does not hold
+            local = mb.sub(x=ids, y=np.int32(rows.start))
+            inside = mb.logical_and(
+                x=mb.greater_equal(x=local, y=np.int32(0)), y=mb.less(x=local, y=np.int32(len(rows)))
+            )
+            safe = mb.select(cond=inside, a=local, b=np.int32(0))
+            h = mb.gather(x=self.weight_for("embeddings", table, (len(rows), hidden), rows), indices=safe, axis=0)
+            h = mb.mul(x=h, y=mb.expand_dims(x=mb.cast(x=inside, dtype="fp16"), axes=[-1]))
         return h if scale == 1.0 else mb.mul(x=h, y=np.float16(scale))
 
-    def lm_head(self, x, head: Linear | Embedding, sizes: list[int] | None = None) -> list:
+    def lm_head(self, x, head: Linear | Embedding, sizes: list[int] | None = None, first_row: int = 0) -> list:
         """Logit pieces (B, T, size) for consecutive row ranges of the head's weight, each a 1x1 conv."""
         vocab, hidden = head.weight.shape
-        bounds = np.cumsum([0] + list(sizes or [vocab]))
+        bounds = np.cumsum([first_row] + list(sizes or [vocab - first_row]))
         x4 = self.channels_first(x)
         out = []
         for rows in (range(int(a), int(b)) for a, b in zip(bounds[:-1], bounds[1:])):

@@ -68,17 +68,22 @@ class MLXOps:
     def rms_norm(self, x: mx.array, norm: Norm) -> mx.array:
         return mx.fast.rms_norm(x, norm.weight, norm.eps)
 
-    def embed(self, ids: mx.array, table: Embedding, scale: float) -> mx.array:
-        h = table.weight[ids]
+    def embed(self, ids: mx.array, table: Embedding, scale: float, rows: range | None = None) -> mx.array:
+        if rows is None:
+            h = table.weight[ids]
+        else:
+            inside = (ids >= rows.start) & (ids < rows.stop)
+            h = table.weight[mx.where(inside, ids, rows.start)] * inside[..., None].astype(table.weight.dtype)
         return h if scale == 1.0 else h * mx.array(scale, dtype=h.dtype)
 
-    def lm_head(self, x: mx.array, head: Linear | Embedding, sizes: list[int] | None = None) -> list[mx.array]:
+    def lm_head(
+        self, x: mx.array, head: Linear | Embedding, sizes: list[int] | None = None, first_row: int = 0
+    ) -> list[mx.array]:
         """Logits in pieces of ``sizes`` rows along the vocabulary, as the exported LM head returns them."""
         weight = self._wide(head.weight) if self.widen_half and x.dtype in HALF else head.weight
-        if not sizes or len(sizes) == 1:
-            return [self.matmul(x, weight.T).astype(x.dtype)]
-        cuts = [sum(sizes[: i + 1]) for i in range(len(sizes) - 1)]
-        return [self.matmul(x, w.T).astype(x.dtype) for w in mx.split(weight, cuts, axis=0)]
+        sizes = sizes or [weight.shape[0] - first_row]
+        bounds = [first_row + sum(sizes[:i]) for i in range(len(sizes) + 1)]
+        return [self.matmul(x, weight[a:b].T).astype(x.dtype) for a, b in zip(bounds[:-1], bounds[1:])]
 
     # --- elementwise
 

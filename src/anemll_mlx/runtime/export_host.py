@@ -106,11 +106,17 @@ class ExportHost:
         return hidden
 
     def _logits(self, hidden: np.ndarray) -> np.ndarray:
-        out = self.runner.run(str(self.export.lm_head), None, {fmt.HIDDEN_STATES: hidden.astype(np.float16)})
+        """Every LM-head program's pieces, in the order of their ``logitsN`` names."""
+        out: dict[str, np.ndarray] = {}
+        for program in self.export.lm_head:
+            out.update(self.runner.run(str(program), None, {fmt.HIDDEN_STATES: hidden.astype(np.float16)}))
         return np.concatenate([np.asarray(out[k], dtype=np.float32).reshape(-1) for k in fmt.logits_pieces(list(out))])
 
     def _embed(self, ids: np.ndarray) -> np.ndarray:
-        return self.runner.run(str(self.export.embeddings), None, {fmt.INPUT_IDS: ids})[fmt.HIDDEN_STATES]
+        """The embeddings of ``ids``: a split table's programs each give their own rows and zeros
+        elsewhere, so their sum (exact: one term is non-zero) is the table's lookup."""
+        parts = [self.runner.run(str(p), None, {fmt.INPUT_IDS: ids})[fmt.HIDDEN_STATES] for p in self.export.embeddings]
+        return parts[0] if len(parts) == 1 else np.asarray(np.sum(parts, axis=0, dtype=np.float16))
 
     def _batch_fits(self, remaining: int) -> bool:
         """Whether the next tokens go through one ``prefill`` batch at the current position."""
