@@ -24,17 +24,13 @@ from pathlib import Path
 from common import smollm2_gguf
 
 CLI = Path(sys.executable).parent / "anemll-mlx"
-# Linux carries a process's memory high-water mark over vfork/exec: a small launcher starts the CLI
-LAUNCHER = (
-    "import os, subprocess, sys; c = subprocess.Popen(sys.argv[1:], stdout=subprocess.DEVNULL); "
-    "_, s, u = os.wait4(c.pid, 0); print(u.ru_maxrss); sys.exit(os.waitstatus_to_exitcode(s))"
-)
+PEAK = Path(__file__).with_name("peak.py")  # runs the CLI and measures its peak memory (see there)
 
 
 def timed_cli(*args: str) -> tuple[float, float]:
     """(seconds, peak RSS in GB) of one CLI run; exits when it fails."""
     start = time.perf_counter()
-    done = subprocess.run([sys.executable, "-c", LAUNCHER, str(CLI), *args], capture_output=True, text=True)
+    done = subprocess.run([sys.executable, str(PEAK), str(CLI), *args], capture_output=True, text=True)
     seconds = time.perf_counter() - start
     if done.returncode != 0:
         sys.exit(f"error: anemll-mlx {' '.join(args[:1])} failed:\n{done.stderr[-2000:]}")

@@ -5,8 +5,9 @@ process, and of a synthetic ~1.7B-parameter LLaMA (bounded memory, time linear i
                            [--synthetic] [--synthetic-only]
 
 Each case runs ``--repeat`` times through the CLI (``anemll-mlx export GGUF --fp16-scale none``);
-the table gives the median wall seconds and the largest peak RSS (the kernel's ru_maxrss of the
-CLI process and of the LUT-fit workers it forked, whichever was larger), and the load average
+the table gives the median wall seconds and the largest peak memory (the total proportional set
+size of the CLI and the LUT-fit workers it forks: each worker's RSS would count the pages it
+shares with its parent again; bench/peak.py), and the load average
 before the runs, since other work on the machine moves the times.  Targets on the 2-core Linux
 reference machine: FP16 <= 20 s, LUT 4,4 <= 30 s.  The LUT-fit comparison with coremltools lives
 in bench/lut.py.
@@ -14,7 +15,7 @@ in bench/lut.py.
 ``--synthetic`` adds a random-weight LLaMA of about 1.7B parameters (hidden 2048, 24 layers,
 intermediate 8192, vocabulary 49152 so SmolLM2's tokenizer fits it; 3.4 GB of fp16 safetensors in
 4 shards, written by this bench) exported FP16 and LUT 4,4 with ``--max-chunk-mb 500``: wall time,
-seconds per billion parameters (and the 8B extrapolation) and peak RSS, target <= 2.5 GB.
+seconds per billion parameters (and the 8B extrapolation) and peak memory, target <= 2.5 GB.
 """
 
 from __future__ import annotations
@@ -40,19 +41,14 @@ CLI = Path(sys.executable).parent / "anemll-mlx"
 CASES = {"fp16": [], "lut4,4": ["--lut", "4,4"], "lut4,4+head6,4": ["--lut", "4,4", "--lut-lm-head", "6,4"]}
 
 
-# Linux carries a process's memory high-water mark over vfork/exec, so a CLI started by this bench
-# would report at least the bench's own size: a small launcher starts it and reports its peak.
-LAUNCHER = (
-    "import os, subprocess, sys; c = subprocess.Popen(sys.argv[1:], stdout=subprocess.DEVNULL); "
-    "_, s, u = os.wait4(c.pid, 0); print(u.ru_maxrss); sys.exit(os.waitstatus_to_exitcode(s))"
-)
+PEAK = Path(__file__).with_name("peak.py")  # runs the CLI and measures its peak memory (see there)
 
 
 def run(args: list[str]) -> tuple[float, float, int]:
-    """(seconds, peak RSS in MB, exit code) of one CLI run, measured by the kernel for that child
-    (wait4's ru_maxrss: the child's own peak or that of a process it waited for, the larger)."""
+    """(seconds, peak memory in MB, exit code) of one CLI run: the total proportional set size of
+    the CLI and the LUT-fit workers it forks, at its largest (bench/peak.py)."""
     start = time.perf_counter()
-    done = subprocess.run([sys.executable, "-c", LAUNCHER, str(CLI), *args], capture_output=True, text=True)
+    done = subprocess.run([sys.executable, str(PEAK), str(CLI), *args], capture_output=True, text=True)
     seconds = time.perf_counter() - start
     peak = int(done.stdout.split()[-1]) / 1024 if done.stdout.split() else float("nan")
     return seconds, peak, done.returncode
@@ -115,12 +111,12 @@ def synthetic_rows(root: Path, gguf: Path, repeat: int) -> list[tuple[str, ...]]
         for _ in range(repeat):
             shutil.rmtree(out, ignore_errors=True)
             args = ["export", str(folder), "--out", str(out), "--fp16-scale", "none", "--max-chunk-mb", "500"]
-            wall, rss, code = run([*args, *flags])
+            wall, peak, code = run([*args, *flags])
             if code != 0:
                 sys.exit(f"error: export {name} failed with exit code {code}")
             seconds.append(wall)
-            peaks.append(rss)
-            print(f"{name}: {wall:.1f} s, peak RSS {rss:.0f} MB", flush=True)
+            peaks.append(peak)
+            print(f"{name}: {wall:.1f} s, peak {peak:.0f} MB (PSS)", flush=True)
         wall = statistics.median(seconds)
         per_billion = wall / (count / 1e9)
         rows.append((f"{name} ({count / 1e9:.2f}B)", f"{wall:.1f}", f"{per_billion:.0f} s/B, 8B ~{8 * per_billion / 60:.0f} min",
@@ -141,7 +137,7 @@ def main() -> None:
     gguf = smollm2_gguf()
     root = Path(opts.out_root)
     table = Table(title=f"export SmolLM2-135M, context {opts.context} (one process each, median of {opts.repeat})")
-    for col in ("case", "seconds", "each run", "peak RSS MB", "MB on disk", "load avg before"):
+    for col in ("case", "seconds", "each run", "peak MB (PSS)", "MB on disk", "load avg before"):
         table.add_column(col, justify="right")
     for name in [] if opts.synthetic_only else opts.cases:
         out = root / name.replace(",", "_").replace("+", "_")
@@ -150,12 +146,12 @@ def main() -> None:
         for _ in range(opts.repeat):
             shutil.rmtree(out, ignore_errors=True)
             args = ["export", str(gguf), "--out", str(out), "--context", opts.context, "--fp16-scale", "none"]
-            wall, rss, code = run([*args, *CASES[name]])
+            wall, peak, code = run([*args, *CASES[name]])
             if code != 0:
                 sys.exit(f"error: export {name} failed with exit code {code}")
             seconds.append(wall)
-            peaks.append(rss)
-            print(f"{name}: {wall:.1f} s, peak RSS {rss:.0f} MB", flush=True)
+            peaks.append(peak)
+            print(f"{name}: {wall:.1f} s, peak {peak:.0f} MB (PSS)", flush=True)
         size = sum(f.stat().st_size for f in out.rglob("*") if f.is_file()) / 2**20
         runs = " ".join(f"{s:.1f}" for s in seconds)
         table.add_row(name, f"{statistics.median(seconds):.1f}", runs, f"{max(peaks):.0f}", f"{size:.1f}", f"{load:.2f}")

@@ -89,10 +89,13 @@ class WeightStore:
         for target in todo:
             groups.setdefault(target.layer, []).append(target)
         for group in groups.values():
-            weights = [_rows(t.holder, None) for t in group]
+            weights = []
+            for target in group:  # the model's own array goes as soon as its float32 copy is made
+                weights.append(_rows(target.holder, None))
+                self._spent(target.holder, None)
+            _give_back_freed_memory()  # before the workers fork: they inherit what the parent holds
             for target, fitted in zip(group, fit_luts(weights, spec, workers)):
                 self.fitted[target.name] = fitted
-                self._spent(target.holder, None)
             del weights
             _give_back_freed_memory()
 
