@@ -10,6 +10,7 @@ import io
 import json
 import math
 import os
+import threading
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -334,6 +335,56 @@ def test_steps_end_where_the_reference_ends_its_turn(free_run: bool) -> None:
 def test_a_driver_returning_only_the_last_prefill_row_is_accepted() -> None:
     result = compare(HashedBigram(_table()), LastRowOnly(_table()), PROMPTS, max_tokens=3)
     assert result.summary["kl_max"] < 1e-12
+
+
+class ThreadRecorder(HashedBigram):
+    """Notes the thread of every call, and the calls of both drivers in order."""
+
+    def __init__(self, table: np.ndarray, name: str, log: list[tuple[str, str]], fail_on_decode: int | None = None):
+        super().__init__(table, name)
+        self.log, self.threads, self.fail_on_decode = log, set(), fail_on_decode
+
+    def _note(self, what: str) -> None:
+        self.threads.add(threading.current_thread().name)
+        self.log.append((self.name, what))
+
+    def prefill(self, token_ids: Sequence[int]) -> np.ndarray:
+        self._note("prefill")
+        return super().prefill(token_ids)
+
+    def decode(self, token_id: int) -> np.ndarray:
+        self._note("decode")
+        if self.fail_on_decode is not None and len(self.history) >= self.fail_on_decode:
+            raise RuntimeError(f"{self.name} broke at position {len(self.history)}")
+        return super().decode(token_id)
+
+
+def test_the_reference_runs_ahead_on_a_worker_thread() -> None:
+    """The two drivers work at once: the reference on a worker, the candidate on the caller's
+    thread; the results are those of running them in turn (as the other tests check)."""
+    log: list[tuple[str, str]] = []
+    reference, candidate = ThreadRecorder(_table(), "ref", log), ThreadRecorder(_table(), "cand", log)
+    result = compare(reference, candidate, PROMPTS, max_tokens=6)
+    assert reference.threads == {"compare-reference"}
+    assert candidate.threads == {threading.current_thread().name}
+    assert result.summary["kl_max"] < 1e-12 and result.summary["steps"] == 18
+    assert all(t.name != "compare-reference" for t in threading.enumerate())  # the worker has ended
+
+
+def test_an_error_in_the_reference_is_raised_by_compare_and_stops_both() -> None:
+    log: list[tuple[str, str]] = []
+    reference = ThreadRecorder(_table(), "ref", log, fail_on_decode=len(PROMPTS[0]) + 2)
+    with pytest.raises(RuntimeError, match=r"^ref broke at position 5$"):
+        compare(reference, ThreadRecorder(_table(), "cand", log), PROMPTS, max_tokens=6)
+    assert all(t.name != "compare-reference" for t in threading.enumerate())
+    # the candidate follows finished trajectories only, and the reference never finished its first
+    assert log == [("ref", "prefill")] + [("ref", "decode")] * 3
+
+
+def test_one_driver_cannot_be_both_reference_and_candidate() -> None:
+    driver = HashedBigram(_table())
+    with pytest.raises(ValueError, match="must be two drivers"):
+        compare(driver, driver, PROMPTS, max_tokens=2)
 
 
 def test_bad_runs_are_user_errors() -> None:

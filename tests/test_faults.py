@@ -246,8 +246,10 @@ def test_a_signal_removes_partial_output_and_keeps_the_previous(world, tmp_path,
     args = commands(world, target)[command] + ["--force"]
     if command == "export":  # auto scale runs the probe on this model; 2 chunks: a longer build
         args = [a for a in args if a not in ("--fp16-scale", "none")] + ["--chunk", "2"]
-    if command in ("compare", "probe"):  # the default prompts: still running when the signal lands
-        args = [a for a in args if a not in ("--prompt", "Hello there", "--max-tokens", "1", "2")]
+    if command == "probe":  # the default prompts: still running when the signal lands
+        args = [a for a in args if a not in ("--prompt", "Hello there", "--max-tokens", "1")]
+    if command == "compare":  # prompts that fit the 64-token context, with steps to fill it
+        args = [a for a in args if a not in ("--max-tokens", "2")] + ["--max-tokens", "64"] + ["--prompt", "Hi"] * 8
     code, text = interrupt_at(args, marker, signum, tmp_path)
     expected = {signal.SIGINT: (130, "interrupted (Ctrl-C)"), signal.SIGTERM: (143, "terminated (SIGTERM)")}
     assert code == expected[signum][0], text

@@ -9,8 +9,11 @@ because after the first differing token the two distributions answer different q
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
+import queue
+import threading
 from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,7 +24,7 @@ from rich.table import Table
 
 from .. import interrupts
 from ..errors import BadArgumentError
-from ..runtime.base import Driver, last_logits
+from ..runtime.base import Driver, last_logits, release_thread_streams
 from .metrics import classify, step_metrics, worst
 
 Progress = Callable[[int, int], None]
@@ -111,6 +114,8 @@ def _check(reference: Driver, candidate: Driver, prompts: Sequence[Sequence[int]
         raise BadArgumentError(f"max tokens must be at least 1, got {max_tokens}")
     if not prompts:
         raise BadArgumentError("no prompts to compare")
+    if reference is candidate:
+        raise ValueError("the reference and the candidate must be two drivers (they run at once)")
     if reference.vocab_size != candidate.vocab_size:
         raise BadArgumentError(
             f"vocabulary sizes differ: {reference.name} has {reference.vocab_size}, "
@@ -159,24 +164,99 @@ def compare(
         if progress is not None:
             progress(done, total)
 
-    run = _free_run if free_run else _teacher_forced
     stops = {int(t) for t in stop_ids}
     results = []
-    for n, (ids, steps) in enumerate(zip(prompts, plan)):
-        result = PromptResult(
-            index=n, prompt_ids=[int(t) for t in ids], text=None if texts is None else texts[n]
-        )
-        if steps < max_tokens:
-            result.ended = "context"
-        run(reference, candidate, result, steps, tick, stops)
-        if len(result.tokens) < steps:
-            tick(steps - len(result.tokens))  # the steps skipped after the end of turn
-        if detokenize is not None:
-            result.reference_text = detokenize(result.tokens)
-            if free_run:
-                result.candidate_text = detokenize(result.candidate_tokens)
-        results.append(result)
+    with _ReferenceAhead(reference, prompts, plan, stops) as ahead:
+        for n, (ids, steps) in enumerate(zip(prompts, plan)):
+            result = PromptResult(
+                index=n, prompt_ids=[int(t) for t in ids], text=None if texts is None else texts[n]
+            )
+            if steps < max_tokens:
+                result.ended = "context"
+            _follow(candidate, result, ahead.next(), free_run, tick)
+            if len(result.tokens) < steps:
+                tick(steps - len(result.tokens))  # the steps skipped after the end of turn
+            if detokenize is not None:
+                result.reference_text = detokenize(result.tokens)
+                if free_run:
+                    result.candidate_text = detokenize(result.candidate_tokens)
+            results.append(result)
     return CompareResult(results, summarize(results, reference.name, candidate.name), free_run)
+
+
+@dataclass
+class Trajectory:
+    """The reference's greedy run on one prompt: its logits at every step and the tokens it chose."""
+
+    logits: list[np.ndarray]
+    tokens: list[int]
+    ended_at_eos: bool
+
+
+def greedy_trajectory(driver: Driver, prompt_ids: list[int], steps: int, stops: Collection[int]) -> Trajectory:
+    """Prefill, then feed back the argmax for up to ``steps`` predictions (fewer at a stop token)."""
+    logits = [_start(driver, prompt_ids)]
+    tokens = [int(np.argmax(logits[0]))]
+    while len(tokens) < steps and tokens[-1] not in stops:
+        interrupts.check()
+        logits.append(_step(driver, tokens[-1]))
+        tokens.append(int(np.argmax(logits[-1])))
+    return Trajectory(logits, tokens, tokens[-1] in stops)
+
+
+class _ReferenceAhead:
+    """Runs the reference's trajectories on a worker thread, a prompt or two ahead of the candidate.
+
+    Teacher forcing needs only the reference's tokens, and free-run nothing of it, so the two
+    drivers can work at once: on a 2-core machine compare takes about as long as the slower driver
+    instead of both in turn (MLX and numpy release the GIL in their kernels).  The queue holds at
+    most two prompts' logits (steps x vocabulary floats each).  An error in the worker is raised
+    again by ``next``; leaving the block early (an error or Ctrl-C in the candidate) stops it.
+    """
+
+    def __init__(self, reference: Driver, prompts: Sequence[Sequence[int]], plan: Sequence[int], stops: set[int]):
+        self.reference, self.work = reference, [([int(t) for t in ids], steps) for ids, steps in zip(prompts, plan)]
+        self.stops = stops
+        self.ready: queue.Queue[Trajectory | BaseException] = queue.Queue(maxsize=2)
+        self.stopping = threading.Event()
+        self.thread = threading.Thread(target=self._run, name="compare-reference", daemon=True)
+
+    def __enter__(self) -> _ReferenceAhead:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.stopping.set()
+        while self.thread.is_alive():  # unblock a worker waiting to put its next prompt
+            with contextlib.suppress(queue.Empty):
+                self.ready.get(timeout=0.1)
+        self.thread.join()
+
+    def _run(self) -> None:
+        try:
+            for ids, steps in self.work:
+                if self.stopping.is_set():
+                    return
+                self._put(greedy_trajectory(self.reference, ids, steps, self.stops))
+        except BaseException as error:  # noqa: BLE001 - handed to the main thread, raised there
+            self._put(error)
+        finally:
+            release_thread_streams()
+
+    def _put(self, item: Trajectory | BaseException) -> None:
+        while not self.stopping.is_set():
+            with contextlib.suppress(queue.Full):
+                self.ready.put(item, timeout=0.1)
+                return
+
+    def next(self) -> Trajectory:
+        while True:
+            interrupts.check()
+            with contextlib.suppress(queue.Empty):
+                item = self.ready.get(timeout=0.1)
+                if isinstance(item, BaseException):
+                    raise item
+                return item
 
 
 def _start(driver: Driver, ids: list[int]) -> np.ndarray:
@@ -188,39 +268,24 @@ def _step(driver: Driver, token: int) -> np.ndarray:
     return last_logits(driver.decode(token), driver.vocab_size, f"{driver.name} decode")
 
 
-def _teacher_forced(
-    reference: Driver, candidate: Driver, result: PromptResult, steps: int, tick: Callable, stops: set[int]
-) -> None:
-    ref, cand = _start(reference, result.prompt_ids), _start(candidate, result.prompt_ids)
-    for step in range(steps):
-        if step:
-            token = result.tokens[-1]
-            ref, cand = _step(reference, token), _step(candidate, token)
-        result.record(ref, cand)
-        result.tokens.append(int(np.argmax(ref)))
-        result.candidate_tokens.append(int(np.argmax(cand)))
-        tick()
-        if result.tokens[-1] in stops:
-            result.ended = "eos"
-            return
+def _follow(candidate: Driver, result: PromptResult, reference: Trajectory, free_run: bool, tick: Callable) -> None:
+    """Run the candidate along the reference's trajectory and record each step's metrics.
 
-
-def _free_run(
-    reference: Driver, candidate: Driver, result: PromptResult, steps: int, tick: Callable, stops: set[int]
-) -> None:
-    ref, cand = _start(reference, result.prompt_ids), _start(candidate, result.prompt_ids)
-    for step in range(steps):
+    Teacher-forced, the candidate is fed the reference's tokens; free-run, its own, and metrics are
+    kept only while both histories are identical.  Either way it takes as many steps as the
+    reference did (which stopped at the end of turn).
+    """
+    cand = _start(candidate, result.prompt_ids)
+    for step, ref in enumerate(reference.logits):
         if step:
-            ref = _step(reference, result.tokens[-1])
-            cand = _step(candidate, result.candidate_tokens[-1])
-        if result.first_divergence is None:  # histories still identical: the comparison means something
+            cand = _step(candidate, result.candidate_tokens[-1] if free_run else result.tokens[-1])
+        if not free_run or result.first_divergence is None:
             result.record(ref, cand)
-        result.tokens.append(int(np.argmax(ref)))
+        result.tokens.append(reference.tokens[step])
         result.candidate_tokens.append(int(np.argmax(cand)))
         tick()
-        if result.tokens[-1] in stops:
-            result.ended = "eos"
-            return
+    if reference.ended_at_eos:
+        result.ended = "eos"
 
 
 def summarize(results: Sequence[PromptResult], reference: str, candidate: str) -> dict:

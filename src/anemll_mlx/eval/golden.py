@@ -159,7 +159,6 @@ class Replay:
         self.context_length = golden.context
         self.prompt = -1
         self.step = 0
-        self.last: np.ndarray | None = None
 
     def reset(self) -> None:
         self.step = 0
@@ -168,9 +167,8 @@ class Replay:
         logits = self.golden.logits[self.prompt]
         if self.step >= len(logits):
             raise ValueError(f"the golden file holds {len(logits)} steps for prompt {self.prompt}")
-        self.last = logits[self.step]
         self.step += 1
-        return self.last
+        return logits[self.step - 1]
 
     def prefill(self, token_ids: Sequence[int]) -> np.ndarray:
         ids = [int(t) for t in token_ids]
@@ -188,23 +186,29 @@ class Replay:
 
 
 class _Cosines:
-    """Wraps the candidate; after each of its steps, the cosine with the replay's row of that step."""
+    """Wraps the candidate; after each of its steps, the cosine with the golden logits of that step.
 
-    def __init__(self, candidate: Driver, replay: Replay):
-        self.candidate, self.replay = candidate, replay
+    It keeps its own place in the golden file (prompt, step) rather than asking the replay, which
+    compare runs ahead on another thread.
+    """
+
+    def __init__(self, candidate: Driver, golden: Golden):
+        self.candidate, self.golden = candidate, golden
         self.name, self.vocab_size, self.context_length = candidate.name, candidate.vocab_size, candidate.context_length
-        self.cosines: list[list[float]] = [[] for _ in replay.golden.prompts]
+        self.cosines: list[list[float]] = [[] for _ in golden.prompts]
+        self.prompt = -1
 
     def _keep(self, logits: np.ndarray) -> np.ndarray:
         row = last_logits(logits, self.vocab_size, self.name)
-        assert self.replay.last is not None
-        self.cosines[self.replay.prompt].append(cosine(self.replay.last, row))
+        done = self.cosines[self.prompt]
+        done.append(cosine(self.golden.logits[self.prompt][len(done)], row))
         return row
 
     def reset(self) -> None:
         self.candidate.reset()
 
     def prefill(self, token_ids: Sequence[int]) -> np.ndarray:
+        self.prompt += 1
         return self._keep(self.candidate.prefill(token_ids))
 
     def decode(self, token_id: int) -> np.ndarray:
@@ -251,7 +255,7 @@ def check(
             f"(fingerprints {golden.tokenizer} and {fingerprint}): its prompts and tokens mean other text there"
         )
     replay = Replay(golden)
-    probe = _Cosines(candidate, replay)
+    probe = _Cosines(candidate, golden)
     result = compare(
         replay, probe, golden.prompts, golden.max_tokens, progress=progress,
         texts=golden.texts, detokenize=detokenize, stop_ids=golden.stop_ids,

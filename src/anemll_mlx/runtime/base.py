@@ -8,6 +8,7 @@ use tiny numpy language models instead of real models.
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Sequence
 from typing import Protocol, runtime_checkable
 
@@ -73,3 +74,15 @@ def last_logits(logits: np.ndarray, vocab_size: int, who: str) -> np.ndarray:
     if array.ndim != 1 or array.shape[0] != vocab_size:
         raise ValueError(f"{who} returned logits of shape {np.shape(logits)}, expected (..., {vocab_size})")
     return array
+
+
+def release_thread_streams() -> None:
+    """Destroy the MLX streams the calling thread created; a worker thread calls this as it ends.
+
+    MLX gives each thread its own default stream.  One whose thread has ended but that is still
+    there when the process exits can abort the exit ("terminate called without an active
+    exception", seen after Ctrl-C in compare's reference thread).  Without MLX loaded, nothing to do.
+    """
+    mlx_core = sys.modules.get("mlx.core")
+    if mlx_core is not None:
+        mlx_core.clear_streams()

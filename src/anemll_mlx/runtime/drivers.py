@@ -110,6 +110,10 @@ class MLXDriver:
         self.tokenizer = lm.tokenizer
         self.vocab_size = lm.model.args.vocab_size
         self.context_length = min(context or MLX_CONTEXT, lm.model.args.max_position_embeddings)
+        # Weights a transform left lazy (a scale, a LUT, a dtype) are computed now, once, and on
+        # this thread: left lazy they would belong to this thread's stream (compare runs its
+        # reference on a worker thread, which could not evaluate them).
+        mx.eval(lm.model.parameters())
         self.reset()
 
     def reset(self, capacity: int | None = None) -> None:

@@ -270,6 +270,15 @@ def scalar(value: Any) -> Any:
 PRODUCTS_ON_MLX = sys.platform != "linux" or blas.status().library is not None
 
 
+def settled(value: Any) -> Any:
+    """``value`` evaluated, if it is an MLX array a builder derived at load (a transposed or
+    reshaped weight).  Left lazy it would belong to the loading thread's stream, and a driver may
+    run on another thread than the one that opened it (compare runs its reference on a worker)."""
+    if isinstance(value, mx.array):
+        mx.eval(value)
+    return value
+
+
 def host_matmul(a: Any, b: Any, bias: Any = None) -> Array:
     """``a @ b (+ bias)`` in float32 (rounded later, once, by the executor).
 

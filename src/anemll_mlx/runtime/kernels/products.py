@@ -12,12 +12,12 @@ import mlx.core as mx
 from coremltools.converters.mil.mil import Operation, Var, types
 
 from ...errors import UnsupportedError
-from .core import F32, Array, BuildContext, Kernel, host_matmul, register, scalar, up
+from .core import F32, Array, BuildContext, Kernel, host_matmul, register, scalar, settled, up
 
 
 @register("linear")
 def _linear(op: Operation, ctx: BuildContext) -> Kernel:
-    w_t = ctx.host_matrix(op.weight).T  # a strided view; BLAS reads it transposed, no copy
+    w_t = settled(ctx.host_matrix(op.weight).T)  # a strided view; BLAS reads it transposed, no copy
     bias = op.inputs.get("bias")
     b = None if bias is None else ctx.host_matrix(bias)
     return Kernel(lambda x: host_matmul(x, w_t, b), (op.x,))
@@ -77,9 +77,9 @@ def _conv(op: Operation, ctx: BuildContext) -> Kernel:
             f"group run here (kernel {kernel_size}, strides {strides}, groups {groups})"
         )
     w32 = ctx.host_matrix(op.weight)
-    w32 = w32.reshape(w32.shape[0], -1)
+    w32 = settled(w32.reshape(w32.shape[0], -1))
     bias = op.inputs.get("bias")
-    b32 = None if bias is None else ctx.host_matrix(bias).reshape(-1, 1)
+    b32 = None if bias is None else settled(ctx.host_matrix(bias).reshape(-1, 1))
 
     def kernel(x: Array) -> Array:
         n, spatial = x.shape[0], x.shape[2:]
