@@ -224,6 +224,22 @@ def test_fits_in_worker_processes_are_the_serial_fits() -> None:
         assert got.indices.tobytes() == expected.indices.tobytes() and got.lut.tobytes() == expected.lut.tobytes()
 
 
+@pytest.mark.parametrize("bits", [2, 3, 4, 6, 8])
+def test_fits_held_packed_unpack_to_the_same_indices(bits: int) -> None:
+    """Fits waiting for their trace are held two indices to a byte (bits <= 4), and in the workers'
+    replies too; an odd count of indices keeps its last one."""
+    from anemll_mlx.export.weights import PackedLUT, fit_luts
+
+    weights = [_gaussian((8, 13), seed=40, scale=0.02), _gaussian((16, 9, 1, 1), seed=41, scale=0.02)]
+    spec = LUTSpec(bits, 4)
+    for packed, expected in zip(fit_luts(weights, spec, workers=2, packed=True), [fit_lut(w, spec) for w in weights]):
+        assert isinstance(packed, PackedLUT)
+        assert packed.data.nbytes == ((expected.indices.size + 1) // 2 if bits <= 4 else expected.indices.size)
+        got = packed.unpack()
+        assert got.indices.shape == expected.indices.shape and got.indices.dtype == np.uint8
+        assert got.indices.tobytes() == expected.indices.tobytes() and got.lut.tobytes() == expected.lut.tobytes()
+
+
 def test_emission_rejects_a_wrong_shape() -> None:
     lw = fit_lut(_gaussian((8, 12)), LUTSpec(4, 4))
     with pytest.raises(ValueError):

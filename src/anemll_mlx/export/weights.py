@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import signal
 import sys
+from dataclasses import dataclass
 from multiprocessing import get_context
 from typing import Any
 
@@ -43,7 +44,8 @@ class WeightStore:
         self.targets = {(t.part, id(t.holder)): t for t in model.lut_targets()}
         # Every weight holder by its module path: names for the weight ids.
         self.paths = {id(module): f"{name}.weight" for name, module in model.named_modules()}
-        self.fitted: dict[str, LUTWeight] = {}
+        self.fitted: dict[str, PackedLUT] = {}  # fitted ahead (prefit), waiting for the trace
+        self.emitted: dict[str, LUTWeight] = {}  # in the program being traced (every function's)
         self.dense: dict[str, np.ndarray] = {}
 
     def __call__(self, part: str, holder: Linear | Embedding, shape: tuple[int, ...], rows: range | None = None) -> Any:
@@ -57,10 +59,11 @@ class WeightStore:
                 self._spent(holder, rows)
             return shared_const(self.dense[key], key, _mil_name(key))
         key = self._key(target.name, rows)
-        if key not in self.fitted:
-            self.fitted[key] = fit_lut(_rows(holder, rows), spec)
+        if key not in self.emitted:
+            ahead = self.fitted.pop(key, None)
+            self.emitted[key] = ahead.unpack() if ahead is not None else fit_lut(_rows(holder, rows), spec)
             self._spent(holder, rows)
-        return lut_to_mil(self.fitted[key], shape, _mil_name(key) + "_palettized", weight_id=key)
+        return lut_to_mil(self.emitted[key], shape, _mil_name(key) + "_palettized", weight_id=key)
 
     def _spent(self, holder: Linear | Embedding, rows: range | None) -> None:
         """Drop the model's array of a weight made whole (row pieces are dropped by the export,
@@ -81,7 +84,8 @@ class WeightStore:
             return
         todo = [
             t for t in self.targets.values()
-            if t.part == part and (layers is None or t.layer in layers) and t.name not in self.fitted
+            if t.part == part and (layers is None or t.layer in layers)
+            and t.name not in self.fitted and t.name not in self.emitted
         ]  # fmt: skip
         # a layer at a time: only one layer's float32 weights are in memory (a LUT part holds many
         # more parameters than its bytes suggest: 8x an fp16 part's at 4 bits)
@@ -94,7 +98,7 @@ class WeightStore:
                 weights.append(_rows(target.holder, None))
                 self._spent(target.holder, None)
             _give_back_freed_memory()  # before the workers fork: they inherit what the parent holds
-            for target, fitted in zip(group, fit_luts(weights, spec, workers)):
+            for target, fitted in zip(group, fit_luts(weights, spec, workers, packed=True)):
                 self.fitted[target.name] = fitted
             del weights
             _give_back_freed_memory()
@@ -102,7 +106,41 @@ class WeightStore:
     def release(self) -> None:
         """Drop what was made for the package just saved (its LUTs and fp16 copies)."""
         self.fitted.clear()
+        self.emitted.clear()
         self.dense.clear()
+
+
+@dataclass
+class PackedLUT:
+    """A fitted LUT waiting for its trace, its indices two to a byte when they fit in 4 bits.
+
+    A chunk's fits all wait in memory until the chunk is traced, and coremltools wants one byte per
+    index: at 4 bits that is twice the chunk's file size (805 MB for a 500 MB chunk of the 1.7B
+    bench model).  Packed, they take what the file will; each is unpacked when traced.
+    """
+
+    data: np.ndarray  # uint8: the indices, two per byte (low nibble first) when bits <= 4
+    shape: tuple[int, ...]
+    lut: np.ndarray
+    spec: LUTSpec
+
+    @classmethod
+    def pack(cls, lw: LUTWeight) -> PackedLUT:
+        flat = lw.indices.reshape(-1)
+        if lw.spec.bits <= 4:
+            if flat.size % 2:
+                flat = np.append(flat, np.uint8(0))
+            flat = flat[0::2] | (flat[1::2] << np.uint8(4))
+        return cls(flat, tuple(lw.indices.shape), lw.lut, lw.spec)
+
+    def unpack(self) -> LUTWeight:
+        if self.spec.bits > 4:
+            return LUTWeight(self.data.reshape(self.shape), self.lut, self.spec)
+        size = int(np.prod(self.shape))
+        indices = np.empty(2 * self.data.size, dtype=np.uint8)
+        indices[0::2] = self.data & np.uint8(0x0F)
+        indices[1::2] = self.data >> np.uint8(4)
+        return LUTWeight(indices[:size].reshape(self.shape), self.lut, self.spec)
 
 
 def _give_back_freed_memory() -> None:
@@ -136,8 +174,9 @@ def lut_workers(workers: int | None = None) -> int:
     return max(1, min(workers, os.cpu_count() or 1))
 
 
-def fit_luts(weights: list[np.ndarray], spec: LUTSpec, workers: int | None = None) -> list[LUTWeight]:
-    """``fit_lut`` of each weight, in order, spread over ``workers`` forked processes.
+def fit_luts(weights: list[np.ndarray], spec: LUTSpec, workers: int | None = None, packed: bool = False) -> list:
+    """``fit_lut`` of each weight, in order, spread over ``workers`` forked processes; each fit as a
+    ``PackedLUT`` when ``packed`` (workers then send back half the bytes).
 
     Fork, not spawn: spawn re-imports the caller's main module (a script without a ``__main__``
     guard would run again) and would pickle every weight to the children; forked children find
@@ -147,30 +186,35 @@ def fit_luts(weights: list[np.ndarray], spec: LUTSpec, workers: int | None = Non
     """
     workers = min(lut_workers(workers), len(weights))
     if workers <= 1:
-        return [fit_lut(w, spec) for w in weights]
+        return [_fit(w, spec, packed) for w in weights]
     # Largest first, so the last fits to start are short ones and the processes finish together.
     order = sorted(range(len(weights)), key=lambda i: -weights[i].size)
-    with get_context("fork").Pool(workers, initializer=_init_worker, initargs=(weights, spec)) as pool:
+    with get_context("fork").Pool(workers, initializer=_init_worker, initargs=(weights, spec, packed)) as pool:
         fitted = pool.map(_fit_one, order, chunksize=1)
-    out: list[LUTWeight] = [None] * len(weights)  # type: ignore[list-item]
+    out: list = [None] * len(weights)
     for i, lw in zip(order, fitted):
         out[i] = lw
     return out
 
 
-_worker_job: tuple[list[np.ndarray], LUTSpec] | None = None  # set in each forked worker
+def _fit(weight: np.ndarray, spec: LUTSpec, packed: bool) -> LUTWeight | PackedLUT:
+    fitted = fit_lut(weight, spec)
+    return PackedLUT.pack(fitted) if packed else fitted
 
 
-def _init_worker(weights: list[np.ndarray], spec: LUTSpec) -> None:
+_worker_job: tuple[list[np.ndarray], LUTSpec, bool] | None = None  # set in each forked worker
+
+
+def _init_worker(weights: list[np.ndarray], spec: LUTSpec, packed: bool) -> None:
     """A worker leaves signals to the parent (which terminates the pool) and dies on SIGTERM, not
     through the parent's ``interrupts`` handlers it inherited."""
     global _worker_job
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
-    _worker_job = (weights, spec)
+    _worker_job = (weights, spec, packed)
 
 
-def _fit_one(index: int) -> LUTWeight:
+def _fit_one(index: int) -> LUTWeight | PackedLUT:
     assert _worker_job is not None
-    weights, spec = _worker_job
-    return fit_lut(weights[index], spec)
+    weights, spec, packed = _worker_job
+    return _fit(weights[index], spec, packed)
