@@ -23,10 +23,11 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
+from anemll_mlx import format as fmt
 from anemll_mlx.errors import UserError
 from anemll_mlx.eval.compare import compare
 from anemll_mlx.eval.prompts import default_prompts
-from anemll_mlx.export import ExportOptions, export_model, part_files
+from anemll_mlx.export import ExportOptions, export_model
 from anemll_mlx.export.conformance import inspect_export
 from anemll_mlx.loading import load
 from anemll_mlx.quant.lut import LUTConfig, parse_lut_spec
@@ -380,7 +381,7 @@ def test_meta_yaml_names_and_tokenizer_files(cache):
         ["llama_embeddings.mlpackage", "llama_lm_head.mlpackage"]
         + [f"llama_FFN_PF_chunk_0{i}of02.mlpackage" for i in (1, 2)]
     )
-    assert set(part_files("llama", options(), 2).all()) == {n.removesuffix(".mlpackage") for n in packages}
+    assert set(fmt.PartFiles.named("llama", options().lut.bits(), 2).all()) == {n.removesuffix(".mlpackage") for n in packages}
     for name in ("tokenizer.json", "tokenizer_config.json", "generation_config.json"):
         assert (out / name).read_bytes() == (folder / name).read_bytes()
     assert (out / "config.json").exists()
