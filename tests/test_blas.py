@@ -28,9 +28,21 @@ import mlx.core as mx, numpy as np
 a = np.random.default_rng(0).standard_normal((64, 48)).astype(np.float32)
 b = np.random.default_rng(1).standard_normal((48, 32)).astype(np.float32)
 y = np.array(mx.array(a) @ mx.array(b))
+error = float(np.abs(y - a.astype(np.float64) @ b).max())
+# decode shapes (one output row or column), every layout MLX may hand to cblas_sgemm, and addmm's
+# alpha and beta: what the sgemm -> sgemv forwarder takes over
+rng = np.random.default_rng(2)
+for m, k, n in [(1, 300, 70), (70, 300, 1), (1, 5, 1), (1, 1, 9)]:
+    x, w, c = (rng.standard_normal(s).astype(np.float32) for s in ((m, k), (k, n), (m, n)))
+    for xs in (mx.array(x), mx.array(x.T.copy()).T):
+        for ws in (mx.array(w), mx.array(w.T.copy()).T):
+            exact = x.astype(np.float64) @ w
+            error = max(error, float(np.abs(np.array(xs @ ws) - exact).max()) / np.abs(exact).max())
+            got = np.array(mx.addmm(mx.array(c), xs, ws, alpha=0.5, beta=3.0))
+            error = max(error, float(np.abs(got - (0.5 * exact + 3.0 * c)).max()) / np.abs(exact).max())
 s = blas.status()
-print(json.dumps({"library": s.library, "threads": s.threads, "reason": s.reason,
-                  "error": float(np.abs(y - a.astype(np.float64) @ b).max())}))
+print(json.dumps({"library": s.library, "threads": s.threads, "reason": s.reason, "gemv": s.gemv,
+                  "error": error}))
 """
 
 
@@ -64,7 +76,40 @@ def test_the_fast_blas_goes_under_mlx_when_present():
     if found["library"] is None:
         pytest.skip(f"an OpenBLAS is installed but cannot load here: {found['reason']}")
     assert found["threads"] == 1 and found["error"] < 1e-3
-    assert mlx_binding(ld_debug).startswith(found["library"])  # MLX computes with it, not its own
+    if found["gemv"] == "forwarded to sgemv":  # MLX's sgemm is the forwarder, which calls this OpenBLAS
+        assert "/anemll-mlx/native/gemv_forward-" in mlx_binding(ld_debug)
+    else:
+        assert mlx_binding(ld_debug).startswith(found["library"])  # MLX computes with it, not its own
+
+
+@pytest.mark.skipif(not LINUX, reason="the BLAS under MLX is a Linux matter")
+def test_decode_shapes_go_to_sgemv_and_the_forwarder_can_be_turned_off(tmp_path):
+    if not fast_blas_available():
+        pytest.skip("no OpenBLAS installed here")
+    cache = {"XDG_CACHE_HOME": str(tmp_path)}  # a fresh cache: the forwarder is compiled here
+    found, ld_debug = run_probe(cache)
+    if found["library"] is None:
+        pytest.skip(f"an OpenBLAS is installed but cannot load here: {found['reason']}")
+    if "no C compiler" in found["gemv"]:
+        pytest.skip("no C compiler here: MLX calls OpenBLAS's sgemm directly")
+    assert found["gemv"] == "forwarded to sgemv" and found["error"] < 1e-5
+    assert mlx_binding(ld_debug).startswith(str(tmp_path / "anemll-mlx" / "native" / "gemv_forward-"))
+    assert [p.name for p in (tmp_path / "anemll-mlx" / "native").iterdir() if p.name.startswith(".")] == []
+
+    off, ld_debug = run_probe({**cache, blas.ENV_GEMV: "off"})
+    assert off["gemv"] == f"OpenBLAS sgemm ({blas.ENV_GEMV}=off)" and off["error"] < 1e-5
+    assert mlx_binding(ld_debug).startswith(off["library"])
+
+
+@pytest.mark.skipif(not LINUX, reason="the BLAS under MLX is a Linux matter")
+def test_without_a_compiler_mlx_calls_openblas_directly(tmp_path):
+    if not fast_blas_available():
+        pytest.skip("no OpenBLAS installed here")
+    found, ld_debug = run_probe({"XDG_CACHE_HOME": str(tmp_path), "CC": "/nonexistent/cc"})
+    if found["library"] is None:
+        pytest.skip(f"an OpenBLAS is installed but cannot load here: {found['reason']}")
+    assert found["gemv"].startswith("OpenBLAS sgemm (no forwarder: ") and found["error"] < 1e-5
+    assert mlx_binding(ld_debug).startswith(found["library"])
 
 
 @pytest.mark.skipif(not LINUX, reason="the BLAS under MLX is a Linux matter")

@@ -16,6 +16,13 @@ Where the library comes from, in order:
 3. A system OpenBLAS (Debian/Ubuntu ``libopenblas0-pthread``, Fedora, Arch).
 Without one, MLX runs as shipped; ``status()`` says why, and ``anemll-mlx --verbose`` prints it.
 
+Decode shapes: libmlx.so binds only ``cblas_sgemm``, and OpenBLAS's sgemm repacks the whole weight
+matrix on every call, so a one-token step (1 x K by K x N) ran at a third of the memory bandwidth
+a gemv reaches.  ``native/gemv_forward.c`` is a ``cblas_sgemm`` that hands products with one output
+row or column to ``cblas_sgemv`` and the rest to OpenBLAS; it is compiled once with the system's C
+compiler into the user cache and loaded globally ahead of OpenBLAS, so it is the one MLX binds.
+Without a compiler (or with ``ANEMLL_MLX_GEMV=off``) MLX calls OpenBLAS's sgemm directly.
+
 Threads: one OpenBLAS thread unless ``ANEMLL_MLX_BLAS_THREADS`` says otherwise.  On 2 cores, two
 threads were never faster for our shapes and up to 5x slower when MLX's own thread or another
 process wanted the second core.  macOS is left alone (Accelerate and Metal).
@@ -25,13 +32,18 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import hashlib
 import os
+import shutil
+import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 ENV_SWITCH = "ANEMLL_MLX_BLAS"
 ENV_THREADS = "ANEMLL_MLX_BLAS_THREADS"
+ENV_GEMV = "ANEMLL_MLX_GEMV"
+GEMV_SOURCE = Path(__file__).with_name("native") / "gemv_forward.c"
 NATIVE = Path(sys.prefix) / "lib" / "anemll-mlx-native"  # where make install puts libgfortran.so.5
 SYSTEM_OPENBLAS = (
     "/usr/lib/x86_64-linux-gnu/openblas-pthread/libopenblas.so.0",  # Debian/Ubuntu
@@ -50,10 +62,12 @@ class Status:
     library: str | None = None
     threads: int | None = None
     reason: str = "not attempted"
+    gemv: str = "not attempted"  # what became of the matrix-vector forwarding (see native/)
 
     def __str__(self) -> str:
         if self.library:
-            return f"MLX BLAS: {self.library} ({self.threads} thread{'s' if self.threads != 1 else ''})"
+            threads = f"{self.threads} thread{'s' if self.threads != 1 else ''}"
+            return f"MLX BLAS: {self.library} ({threads}; matrix-vector products: {self.gemv})"
         return f"MLX BLAS: the reference BLAS MLX ships with ({self.reason})"
 
 
@@ -118,19 +132,63 @@ def load() -> Status:
     failures = []
     for path in candidates:
         try:
-            library = ctypes.CDLL(path, mode=ctypes.RTLD_GLOBAL)
+            library = ctypes.CDLL(path)  # local first: the forwarder must precede it globally
             library.cblas_sgemm  # noqa: B018  (the plain CBLAS name MLX binds to must be there)
+            library.cblas_sgemv  # noqa: B018
         except (OSError, AttributeError) as e:
             failures.append(f"{Path(path).name}: {' '.join(str(e).split())[:120]}")
             continue
+        gemv = _forward_gemv(library)
+        ctypes.CDLL(path, mode=ctypes.RTLD_GLOBAL)  # now global, for the LAPACK names MLX binds
         threads = _threads()
         if hasattr(library, "openblas_set_num_threads"):
             library.openblas_set_num_threads(threads)
-        _status = Status(library=path, threads=threads, reason="loaded")
+        _status = Status(library=path, threads=threads, reason="loaded", gemv=gemv)
         return _status
     hint = "pip install ngsolve-openblas and give it libgfortran.so.5 (apt install libgfortran5), or install libopenblas0-pthread"
     _status = Status(reason=("; ".join(failures) or "no OpenBLAS found") + f" -- {hint}")
     return _status
+
+
+def _forward_gemv(openblas: ctypes.CDLL) -> str:
+    """Load the sgemm -> sgemv forwarder globally, pointed at ``openblas``; says what happened."""
+    if os.environ.get(ENV_GEMV, "auto").lower() in ("off", "0", "none"):
+        return f"OpenBLAS sgemm ({ENV_GEMV}=off)"
+    try:
+        forwarder = ctypes.CDLL(str(_compiled_forwarder()), mode=ctypes.RTLD_GLOBAL)
+    except (OSError, RuntimeError) as e:
+        return f"OpenBLAS sgemm (no forwarder: {' '.join(str(e).split())[:160]})"
+    address = ctypes.cast  # the entry points of this OpenBLAS, whatever the global scope holds
+    forwarder.anemll_gemv_forward_init(
+        address(openblas.cblas_sgemm, ctypes.c_void_p), address(openblas.cblas_sgemv, ctypes.c_void_p)
+    )
+    return "forwarded to sgemv"
+
+
+def _compiled_forwarder() -> Path:
+    """``native/gemv_forward.c`` as a shared library, built once per source version into the user
+    cache (written under a temporary name and renamed: concurrent first runs cannot see half a file)."""
+    source = GEMV_SOURCE.read_bytes()
+    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "anemll-mlx" / "native"
+    library = cache / f"gemv_forward-{hashlib.sha256(source).hexdigest()[:12]}.so"
+    if library.exists():
+        return library
+    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    if not compiler:
+        raise RuntimeError("no C compiler (cc) to build it")
+    cache.mkdir(parents=True, exist_ok=True)
+    partial = library.with_name(f".{library.name}.{os.getpid()}")
+    try:
+        built = subprocess.run(
+            [compiler, "-O2", "-shared", "-fPIC", "-o", str(partial), str(GEMV_SOURCE)],
+            capture_output=True, text=True,
+        )
+        if built.returncode != 0:
+            raise RuntimeError(f"{compiler} failed: {built.stderr.strip()[-300:]}")
+        os.replace(partial, library)
+    finally:
+        partial.unlink(missing_ok=True)
+    return library
 
 
 def limit_numpy_threads(threads: int | None = None) -> None:

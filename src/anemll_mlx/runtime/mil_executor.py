@@ -350,8 +350,9 @@ def _execute(prog: _Program, args: list[Array], store: dict[str, Array]) -> list
             for slot, value, dtype, declared in zip(step.outs, result, step.dtypes, step.shapes):
                 if value.dtype != dtype:
                     value = value.astype(dtype)
-                if not _shape_matches(tuple(value.shape), declared):
-                    raise RuntimeError(f"produced shape {tuple(value.shape)}, declared {declared}")
+                shape = tuple(value.shape)
+                if shape != declared and not _shape_matches(shape, declared):  # equal: the common case
+                    raise RuntimeError(f"produced shape {shape}, declared {declared}")
                 env[slot] = value
             del result
             for slot in step.frees:
