@@ -10,12 +10,16 @@ from __future__ import annotations
 import json
 import shutil
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from .. import __version__
 from .. import format as fmt
 from ..loading import LoadedModel
 from .plan import ExportPlan
 from .programs import kv_states
+
+if TYPE_CHECKING:
+    from ..probe.calibrate import InputMoments
 
 TOKENIZER_FILES = (
     "tokenizer.json",
@@ -47,7 +51,12 @@ def write_tokenizer_files(lm: LoadedModel, dest: Path) -> None:
 
 
 def export_meta(
-    lm: LoadedModel, options, plan: ExportPlan, files: fmt.PartFiles, prefix: str, moments=None
+    lm: LoadedModel,
+    options,
+    plan: ExportPlan,
+    files: fmt.PartFiles,
+    prefix: str,
+    moments: InputMoments | None = None,
 ) -> fmt.ExportMeta:
     """What meta.yaml says of this export (``format.ExportMeta`` spells it out in keys); ``moments``:
     the calibration statistics the LUTs were weighted by (``probe.calibrate.InputMoments``), if any."""
