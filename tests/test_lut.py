@@ -162,6 +162,80 @@ def test_batching_does_not_change_the_result(monkeypatch: pytest.MonkeyPatch) ->
     assert np.array_equal(whole.indices, batched.indices) and np.array_equal(whole.lut, batched.lut)
 
 
+# --- sensitivity-weighted fits (importance per input column)
+
+
+@pytest.mark.parametrize(
+    ("spec", "shape"), [(LUTSpec(4, 4), (16, 48)), (LUTSpec(2, 8), (16, 48)), (LUTSpec(6, None), (8, 40, 1, 1))]
+)
+def test_equal_importance_is_the_unweighted_fit(spec: LUTSpec, shape: tuple[int, ...]) -> None:
+    w = _gaussian(shape, seed=11, scale=0.05)
+    plain = fit_lut(w, spec)
+    for importance in (np.full(shape[1], 2.5), np.full(shape, 0.3)):
+        weighted = fit_lut(w, spec, importance=importance)
+        assert plain.indices.tobytes() == weighted.indices.tobytes()
+        assert plain.lut.tobytes() == weighted.lut.tobytes()
+
+
+def _optimal_weighted_mse(w: np.ndarray, spec: LUTSpec, importance: np.ndarray) -> float:
+    """Exact weighted 1-D k-means per group (coremltools' bundled kmeans1d), fp16 tables, nearest
+    assignment: the mean importance-weighted squared error."""
+    kmeans1d = pytest.importorskip("coremltools._deps.kmeans1d")
+    groups = spec.num_groups(w.shape[0])
+    rows = w.astype(np.float64).reshape(groups, -1)
+    weights = np.broadcast_to(importance, w.shape).reshape(groups, -1)
+    total = 0.0
+    for row, weight in zip(rows, weights):
+        values, inverse = np.unique(row, return_inverse=True)
+        found = kmeans1d.cluster(values, min(len(values), spec.entries), weights=np.bincount(inverse, weight))
+        table = np.sort(np.asarray(found.centroids).astype(np.float16).astype(np.float64))
+        nearest = np.min(np.abs(row[:, None] - table[None, :]), axis=1)
+        total += float(np.sum(weight * nearest**2))
+    return total / w.size
+
+
+def _skewed_case() -> tuple[np.ndarray, np.ndarray]:
+    """Columns 0-7 carry fine detail and matter 1000x more than the wide, unimportant rest: a fit
+    that ignores importance spends its entries on the wide columns."""
+    rng = np.random.default_rng(12)
+    w = (rng.standard_normal((8, 64)) * 0.5).astype(np.float32)
+    w[:, :8] = (rng.standard_normal((8, 8)) * 0.01).astype(np.float32)
+    importance = np.full(64, 0.01)
+    importance[:8] = 10.0
+    return w, importance
+
+
+@pytest.mark.parametrize("spec", [LUTSpec(3, 4), LUTSpec(4, 8)])
+def test_importance_lowers_the_weighted_error_to_the_optimum(spec: LUTSpec) -> None:
+    w, importance = _skewed_case()
+    plain = lut_group_error(w, fit_lut(w, spec), importance).mean()
+    weighted = lut_group_error(w, fit_lut(w, spec, importance=importance), importance).mean()
+    best = _optimal_weighted_mse(w, spec, importance)
+    assert weighted < 0.5 * plain, (weighted, plain)
+    assert weighted <= best * 1.005, (weighted / best, plain / best)
+
+
+def test_weighted_fit_keeps_nearest_assignment_and_batching(monkeypatch: pytest.MonkeyPatch) -> None:
+    import anemll_mlx.quant.lut as lut
+
+    w = _gaussian((64, 40), seed=13, scale=0.05)
+    importance = np.exp(np.random.default_rng(14).standard_normal(40) * 2)
+    spec = LUTSpec(4, 4)
+    whole = fit_lut(w, spec, importance=importance)
+    table = np.repeat(whole.lut, 4, axis=0).astype(np.float64)
+    nearest = np.min(np.abs(w.astype(np.float64)[:, :, None] - table[:, None, :]), axis=2)
+    assert np.array_equal(np.abs(w.astype(np.float64) - whole.dequantize().astype(np.float64)), nearest)
+    monkeypatch.setattr(lut, "_BATCH_ELEMENTS", 3 * 160)  # three groups of 4 x 40 a batch, the last short
+    batched = fit_lut(w, spec, importance=importance)
+    assert whole.indices.tobytes() == batched.indices.tobytes() and whole.lut.tobytes() == batched.lut.tobytes()
+
+
+@pytest.mark.parametrize("importance", [np.ones(7), np.full(40, np.nan), -np.ones(40)])
+def test_bad_importance_is_refused(importance: np.ndarray) -> None:
+    with pytest.raises(ValueError, match="importance"):
+        fit_lut(_gaussian((8, 40)), LUTSpec(4, 4), importance=importance)
+
+
 # --- exact emission through Core ML
 
 

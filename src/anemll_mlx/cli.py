@@ -293,11 +293,15 @@ def export(
     argmax_in_model: Annotated[bool, typer.Option("--argmax-in-model", help="LM head outputs per-piece argmax")] = False,
     compile: Annotated[str, typer.Option(help="auto, yes or no: compile to .mlmodelc (macOS only)")] = "auto",
     force: Annotated[bool, typer.Option("--force", help="Replace an earlier export in --out")] = False,
+    calibrate: Annotated[bool, typer.Option("--calibrate", help="Weight the LUT fits by calibration statistics (E[x^2] per input feature)")] = False,
+    calibration_file: Annotated[list[str] | None, typer.Option("--calibration-file", help="Calibrate on this .txt or .jsonl (repeatable; implies --calibrate; default: the built-in calibration prompts)")] = None,
 ) -> None:
     """Write chunked, stateful (optionally LUT-palettized) Core ML programs in ANEMLL's layout."""
+    from pathlib import Path
+
     from rich.progress import Progress, TaskID
 
-    from .export import ExportOptions, can_compile, check_output, export_model
+    from .export import ExportOptions, can_compile, check_output, collect_moments, export_model
     from .loading import load, read_config
     from .models import build_model
     from .probe.decision import decide_fp16_scale, parse_fp16_scale
@@ -324,6 +328,8 @@ def export(
             argmax_in_model=argmax_in_model,
             compile=compile,
             force=force,
+            calibrate=calibrate or bool(calibration_file),
+            calibration_files=[Path(f) for f in calibration_file or []],
         )
         options.check_flags()
         config, source = read_config(model)
@@ -348,6 +354,12 @@ def export(
             options.fp16_scale = decision.value
             if decision.probed:  # the probe read the whole model: start the part-by-part reading afresh
                 lm = load(model, "float32", lazy=True)
+        moments = None
+        if options.calibrate:
+            with _stage_progress("calibration") as progress:
+                moments = collect_moments(lm, options, progress)
+            print(f"--calibrate: E[x^2] of every LUT input over {moments.tokens} tokens of {moments.source}")
+            lm = load(model, "float32", lazy=True)  # the pass read the whole model: read it part by part again
         with Progress(*_bar_columns(), console=console) as bar:
             tasks: dict[str, TaskID] = {}
 
@@ -356,7 +368,7 @@ def export(
                     tasks[part] = bar.add_task(part, total=total)
                 bar.update(tasks[part], completed=done)
 
-            result = export_model(lm, target, options, progress, plan)
+            result = export_model(lm, target, options, progress, plan, moments)
     summary = Table(title=f"{result.out} ({result.seconds:.1f} s)")
     summary.add_column("package")
     summary.add_column("MB", justify="right")

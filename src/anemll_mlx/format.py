@@ -286,6 +286,7 @@ class ExportMeta:
     chunk_layers: list[range] | None = None
     kv_states: list[KVState] | None = None
     head_part_pieces: list[int] | None = None  # LM-head pieces in each LM-head program (when split)
+    calibration: Calibration | None = None  # the LUTs were fitted weighted by these statistics
     missing_info: list[str] = field(default_factory=list)  # model_info keys ANEMLL reads that are absent
 
     @property
@@ -353,6 +354,12 @@ class ExportMeta:
         if len(self.files.lm_head) > 1:
             ours["lm_head_parts"] = self.files.lm_head
             ours["lm_head_part_pieces"] = self.head_part_pieces
+        if self.calibration is not None:
+            ours["calibration"] = {
+                "source": self.calibration.source,
+                "tokens": self.calibration.tokens,
+                "statistic": self.calibration.statistic,
+            }
         states = self.kv_states or []
         if len(states) == 1 and states[0].name == KV_STATE:
             ours["kv_state"] = {"name": KV_STATE, "shape": list(states[0].shape)}
@@ -415,8 +422,29 @@ class ExportMeta:
             num_layers=ours.get("num_layers"),
             chunk_layers=[range(a, b) for a, b in ours["chunk_layers"]] if ours.get("chunk_layers") else None,
             kv_states=_read_states(ours),
+            calibration=_read_calibration(ours, where),
             missing_info=[k for k in MODEL_INFO_KEYS if k not in info],
         )
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """How the LUTs of a calibrated export were weighted: the statistic (per input feature of each
+    quantized Linear), what text it was measured on and over how many tokens."""
+
+    source: str
+    tokens: int
+    statistic: str = "mean_square_input"
+
+
+def _read_calibration(ours: dict, where: str) -> Calibration | None:
+    block = ours.get("calibration")
+    if block is None:
+        return None
+    try:
+        return Calibration(str(block["source"]), int(block["tokens"]), str(block.get("statistic", "")))
+    except (KeyError, TypeError, ValueError) as e:
+        raise CorruptModelError(f"{where} calibration is malformed ({type(e).__name__}: {e})") from None
 
 
 @dataclass(frozen=True)

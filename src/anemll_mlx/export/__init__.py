@@ -14,6 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import coremltools as ct
 import mlx.core as mx
@@ -35,6 +36,9 @@ from .meta import export_meta, write_tokenizer_files
 from .plan import DEFAULT_BUDGET_MB, ExportPlan, plan_export
 from .weights import WeightStore
 
+if TYPE_CHECKING:
+    from ..probe.calibrate import InputMoments
+
 Progress = Callable[[str, int, int], None]  # (part, steps done, steps total)
 
 
@@ -52,6 +56,10 @@ class ExportOptions:
     argmax_in_model: bool = False
     compile: str = "auto"  # auto | yes | no
     force: bool = False
+    # sensitivity-weighted LUT fits: statistics from the built-in calibration prompts, or from
+    # calibration_files (.txt / .jsonl, see probe.calibrate) when given
+    calibrate: bool = False
+    calibration_files: list[Path] = field(default_factory=list)
 
     def check_flags(self) -> None:
         """Every check that needs no model, so bad flags fail before anything is loaded."""
@@ -75,6 +83,17 @@ class ExportOptions:
             raise BadArgumentError(f"--fp16-scale must be auto, none or a number in (0, 1], got {scale}")
         if self.compile not in ("auto", "yes", "no"):
             raise BadArgumentError(f"--compile must be auto, yes or no, not '{self.compile}'")
+        if self.calibration_files and not self.calibrate:
+            raise BadArgumentError("calibration files were given without --calibrate")
+        if self.calibrate and self.lut.ffn is None and self.lut.lm_head is None:
+            raise BadArgumentError(  # embedding tables are lookups: no inputs to weight their fits by
+                "--calibrate weights the LUT fits of the FFN and the LM head, but neither is quantized: "
+                "add --lut or --lut-lm-head"
+            )
+        if self.calibrate:
+            from ..probe.calibrate import calibration_set
+
+            calibration_set(self.calibration_files)  # every file read and parsed: errors before the model loads
         if self.compile == "yes" and not can_compile():
             raise UserError("--compile yes needs macOS with Xcode's coremlcompiler (xcrun); use --compile no")
 
@@ -135,16 +154,28 @@ def resolve_fp16_scale(lm: LoadedModel, options: ExportOptions, progress: Progre
         options.fp16_scale = decide_fp16_scale(lm, "auto", progress=progress).value
 
 
+def collect_moments(lm: LoadedModel, options: ExportOptions, progress: Progress | None = None) -> InputMoments:
+    """The calibration statistics ``options`` asks for (``probe.calibrate``), measured on ``lm``."""
+    from ..probe.calibrate import calibration_set, collect_input_moments
+
+    return collect_input_moments(lm, calibration_set(options.calibration_files), progress=progress)
+
+
 def export_model(
     lm: LoadedModel,
     out: Path | OutputFolder,
     options: ExportOptions,
     progress: Progress | None = None,
     plan: ExportPlan | None = None,
+    moments: InputMoments | None = None,
 ) -> ExportResult:
     """Write the export of ``lm`` to ``out``.  Applies the fp16 scale to ``lm.model`` in place
     (``"auto"`` is resolved first: the model's recipe, else the probe); a lazily loaded model
     (``load(..., lazy=True)``) is consumed, part by part, to bound memory.
+
+    With ``options.calibrate`` the LUTs are fitted weighted by calibration statistics: ``moments``
+    if given (the CLI measures them first, then reloads the model lazily), else measured here on
+    the unscaled model (the fp16 scale leaves every LUT target's input unchanged).
 
     ``out`` may be a folder already checked with ``OutputFolder.check`` (the CLI checks it before
     loading the model); a plain path is checked here.  Nothing appears under ``out`` until the
@@ -154,6 +185,8 @@ def export_model(
     options.validate(lm.model)
     target = out if isinstance(out, OutputFolder) else check_output(out, options.force, lm.path)
     model = lm.model
+    if options.calibrate and moments is None:
+        moments = collect_moments(lm, options, progress)
     resolve_fp16_scale(lm, options)
     if isinstance(options.fp16_scale, float | int):
         apply_fp16_scale(model, options.fp16_scale)
@@ -168,7 +201,8 @@ def export_model(
 
     with target.build() as scratch:
         tied = model.head is model.model.embed_tokens  # the LM head reads the table again at the end
-        store = WeightStore(model, options.lut, consume=lm.lazy, keep=(model.model.embed_tokens,) if tied else ())
+        keep = (model.model.embed_tokens,) if tied else ()
+        store = WeightStore(model, options.lut, consume=lm.lazy, keep=keep, moments=moments if options.calibrate else None)
         ops = MILOps(options.attention_chunk or max(1, options.batch // 2), store, options.context)
         result = ExportResult(out=target.path, plan=plan)
 
@@ -215,7 +249,7 @@ def export_model(
             first_piece, first_row = first_piece + len(sizes), first_row + sum(sizes)
 
         write_tokenizer_files(lm, scratch)
-        fmt.write_meta(scratch, export_meta(lm, options, plan, files, prefix))
+        fmt.write_meta(scratch, export_meta(lm, options, plan, files, prefix, store.moments))
         if options.compile == "yes" or (options.compile == "auto" and can_compile()):
             for stem in files.all():
                 compile_package(scratch / f"{stem}.mlpackage", scratch)

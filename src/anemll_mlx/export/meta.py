@@ -10,12 +10,16 @@ from __future__ import annotations
 import json
 import shutil
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from .. import __version__
 from .. import format as fmt
 from ..loading import LoadedModel
 from .plan import ExportPlan
 from .programs import kv_states
+
+if TYPE_CHECKING:
+    from ..probe.calibrate import InputMoments
 
 TOKENIZER_FILES = (
     "tokenizer.json",
@@ -46,8 +50,16 @@ def write_tokenizer_files(lm: LoadedModel, dest: Path) -> None:
     (dest / "config.json").write_text(json.dumps(lm.config, indent=2, sort_keys=True))
 
 
-def export_meta(lm: LoadedModel, options, plan: ExportPlan, files: fmt.PartFiles, prefix: str) -> fmt.ExportMeta:
-    """What meta.yaml says of this export (``format.ExportMeta`` spells it out in keys)."""
+def export_meta(
+    lm: LoadedModel,
+    options,
+    plan: ExportPlan,
+    files: fmt.PartFiles,
+    prefix: str,
+    moments: InputMoments | None = None,
+) -> fmt.ExportMeta:
+    """What meta.yaml says of this export (``format.ExportMeta`` spells it out in keys); ``moments``:
+    the calibration statistics the LUTs were weighted by (``probe.calibrate.InputMoments``), if any."""
     model, args = lm.model, lm.model.args
     name = Path(lm.source).stem if lm.gguf_path else Path(lm.source.rstrip("/")).name
     lut = {
@@ -78,4 +90,5 @@ def export_meta(lm: LoadedModel, options, plan: ExportPlan, files: fmt.PartFiles
         num_layers=args.num_hidden_layers,
         chunk_layers=plan.chunks,
         kv_states=kv_states(model, options.context),
+        calibration=fmt.Calibration(moments.source, moments.tokens) if moments is not None else None,
     )

@@ -5,6 +5,9 @@ parts get one is the export's ``LUTConfig``.  One ``WeightStore`` serves every f
 package: each weight is made once (converted to fp16, or its LUT fitted) and emitted in every
 function under one ``weight_id`` (``ops.mil_ops.shared_const``), so the ``infer`` and ``prefill``
 functions of a chunk share its bytes in the package without a deduplication pass.
+
+With calibration statistics (``probe.calibrate.InputMoments``) each LUT is a sensitivity-weighted
+fit: every element's squared error weighted by the mean square of its input feature.
 """
 
 from __future__ import annotations
@@ -14,15 +17,18 @@ import signal
 import sys
 from dataclasses import dataclass
 from multiprocessing import get_context
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import mlx.core as mx
 import numpy as np
 
-from ..models.base import DecoderModel
+from ..models.base import DecoderModel, LUTTarget
 from ..ops.mil_ops import shared_const, to_numpy
 from ..ops.vocabulary import Embedding, Linear
 from ..quant.lut import LUTConfig, LUTSpec, LUTWeight, fit_lut, lut_to_mil
+
+if TYPE_CHECKING:
+    from ..probe.calibrate import InputMoments
 
 # LUT fits run in this many processes (fit_lut is numpy, single-threaded and deterministic, so the
 # result is the same bytes whatever the count); ANEMLL_MLX_LUT_WORKERS overrides, 1 fits in-process.
@@ -35,10 +41,19 @@ class WeightStore:
     ``consume``: once a whole weight has been made into its fp16 copy or its LUT, the model's own
     (evaluated) array is replaced by unevaluated zeros, so a lazily loaded model never holds more
     than the weights in flight (export of a lazy model; the model is spent afterwards).
+    ``moments``: calibration statistics; LUT targets that have them are fitted weighted by them.
     """
 
-    def __init__(self, model: DecoderModel, lut: LUTConfig, consume: bool = False, keep: tuple = ()):
+    def __init__(
+        self,
+        model: DecoderModel,
+        lut: LUTConfig,
+        consume: bool = False,
+        keep: tuple = (),
+        moments: InputMoments | None = None,
+    ):
         self.lut = lut
+        self.moments = moments
         self.consume = consume
         self.keep = {id(holder) for holder in keep}  # needed by a later part too (a tied table)
         self.targets = {(t.part, id(t.holder)): t for t in model.lut_targets()}
@@ -61,7 +76,10 @@ class WeightStore:
         key = self._key(target.name, rows)
         if key not in self.emitted:
             ahead = self.fitted.pop(key, None)
-            self.emitted[key] = ahead.unpack() if ahead is not None else fit_lut(_rows(holder, rows), spec)
+            if ahead is not None:
+                self.emitted[key] = ahead.unpack()
+            else:
+                self.emitted[key] = fit_lut(_rows(holder, rows), spec, importance=self._importance(target))
             self._spent(holder, rows)
         return lut_to_mil(self.emitted[key], shape, _mil_name(key) + "_palettized", weight_id=key)
 
@@ -70,6 +88,10 @@ class WeightStore:
         after the last piece)."""
         if self.consume and rows is None and id(holder) not in self.keep:
             holder.weight = mx.zeros(holder.weight.shape, holder.weight.dtype)
+
+    def _importance(self, target: LUTTarget) -> np.ndarray | None:
+        """The input moments of ``target`` (one per input column, whatever rows are fitted)."""
+        return None if self.moments is None else self.moments.importance(target.part, target.name)
 
     @staticmethod
     def _key(name: str, rows: range | None) -> str:
@@ -98,7 +120,8 @@ class WeightStore:
                 weights.append(_rows(target.holder, None))
                 self._spent(target.holder, None)
             _give_back_freed_memory()  # before the workers fork: they inherit what the parent holds
-            for target, fitted in zip(group, fit_luts(weights, spec, workers, packed=True)):
+            importance = [self._importance(target) for target in group]
+            for target, fitted in zip(group, fit_luts(weights, spec, workers, packed=True, importance=importance)):
                 self.fitted[target.name] = fitted
             del weights
             _give_back_freed_memory()
@@ -174,9 +197,16 @@ def lut_workers(workers: int | None = None) -> int:
     return max(1, min(workers, os.cpu_count() or 1))
 
 
-def fit_luts(weights: list[np.ndarray], spec: LUTSpec, workers: int | None = None, packed: bool = False) -> list:
+def fit_luts(
+    weights: list[np.ndarray],
+    spec: LUTSpec,
+    workers: int | None = None,
+    packed: bool = False,
+    importance: list[np.ndarray | None] | None = None,
+) -> list:
     """``fit_lut`` of each weight, in order, spread over ``workers`` forked processes; each fit as a
-    ``PackedLUT`` when ``packed`` (workers then send back half the bytes).
+    ``PackedLUT`` when ``packed`` (workers then send back half the bytes); ``importance[i]``, if
+    given, weights the fit of ``weights[i]`` (see ``fit_lut``).
 
     Fork, not spawn: spawn re-imports the caller's main module (a script without a ``__main__``
     guard would run again) and would pickle every weight to the children; forked children find
@@ -185,11 +215,13 @@ def fit_luts(weights: list[np.ndarray], spec: LUTSpec, workers: int | None = Non
     terminated at once (``Pool.__exit__``), so an interrupted export does not wait for the fits.
     """
     workers = min(lut_workers(workers), len(weights))
+    importance = importance if importance is not None else [None] * len(weights)
     if workers <= 1:
-        return [_fit(w, spec, packed) for w in weights]
+        return [_fit(w, spec, packed, imp) for w, imp in zip(weights, importance)]
     # Largest first, so the last fits to start are short ones and the processes finish together.
     order = sorted(range(len(weights)), key=lambda i: -weights[i].size)
-    with get_context("fork").Pool(workers, initializer=_init_worker, initargs=(weights, spec, packed)) as pool:
+    job = (weights, spec, packed, importance)
+    with get_context("fork").Pool(workers, initializer=_init_worker, initargs=(job,)) as pool:
         fitted = pool.map(_fit_one, order, chunksize=1)
     out: list = [None] * len(weights)
     for i, lw in zip(order, fitted):
@@ -197,24 +229,26 @@ def fit_luts(weights: list[np.ndarray], spec: LUTSpec, workers: int | None = Non
     return out
 
 
-def _fit(weight: np.ndarray, spec: LUTSpec, packed: bool) -> LUTWeight | PackedLUT:
-    fitted = fit_lut(weight, spec)
+def _fit(weight: np.ndarray, spec: LUTSpec, packed: bool, importance: np.ndarray | None) -> LUTWeight | PackedLUT:
+    fitted = fit_lut(weight, spec, importance=importance)
     return PackedLUT.pack(fitted) if packed else fitted
 
 
-_worker_job: tuple[list[np.ndarray], LUTSpec, bool] | None = None  # set in each forked worker
+# what each forked worker fits: (weights, spec, packed, importance per weight)
+_Job = tuple[list[np.ndarray], LUTSpec, bool, list[np.ndarray | None]]
+_worker_job: _Job | None = None  # set in each forked worker
 
 
-def _init_worker(weights: list[np.ndarray], spec: LUTSpec, packed: bool) -> None:
+def _init_worker(job: _Job) -> None:
     """A worker leaves signals to the parent (which terminates the pool) and dies on SIGTERM, not
     through the parent's ``interrupts`` handlers it inherited."""
     global _worker_job
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
-    _worker_job = (weights, spec, packed)
+    _worker_job = job
 
 
 def _fit_one(index: int) -> LUTWeight | PackedLUT:
     assert _worker_job is not None
-    weights, spec, packed = _worker_job
-    return _fit(weights[index], spec, packed)
+    weights, spec, packed, importance = _worker_job
+    return _fit(weights[index], spec, packed, importance[index])

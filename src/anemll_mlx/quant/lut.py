@@ -20,6 +20,14 @@ than O(groups * n * K).  Three stages, all vectorised across groups:
 
 The tables are then rounded to fp16 and every element is assigned to its nearest fp16 entry, so
 ``dequantize()`` is exactly what Core ML reconstructs.
+
+Sensitivity-weighted fits (``importance``): a Linear's output error is sum_j x_j dW_ij, so with a
+diagonal approximation of the input covariance the loss an element's error adds is E[x_j^2] dW_ij^2.
+Weighting each element's squared error by its column's E[x_j^2] (``probe.calibrate`` measures it)
+spends the table entries where the inputs are large.  Weighted 1-D k-means keeps the structure
+above: with nearest-entry assignment (all Core ML can do) the regions are still intervals, so the
+prefix sums just become weighted (sum w, sum w x, sum w x^2) and each centre is its cluster's
+weighted mean.  Without ``importance`` the fit is the unweighted one, bit for bit.
 """
 
 from __future__ import annotations
@@ -56,6 +64,9 @@ _WINDOW = 33
 DEFAULT_REFINE_ROUNDS = 8
 # Groups per dynamic-programming chunk: each (groups, W, W) array stays cache-sized (measured best).
 _DP_ELEMENTS = 1 << 16
+# Importance below this fraction of the mean counts as this much: every element keeps some weight,
+# so a non-empty cluster always has a positive total weight (a well-defined weighted mean).
+_MIN_IMPORTANCE = 1e-6
 
 
 @dataclass(frozen=True)
@@ -187,17 +198,35 @@ class _SortedGroups:
 
     Methods take ``rows``, the indices of the groups still iterating, so converged groups cost
     nothing; gathers go through flat indices to avoid copying whole rows.
+
+    With ``weights`` (positive, one per element of ``rows``) the prefix sums are weighted and
+    ``prefix_w`` holds the running total weight; without, ``prefix_w`` is None and a cluster's
+    weight is its element count (the original, unweighted arithmetic, untouched).
     """
 
-    def __init__(self, rows: np.ndarray) -> None:
+    def __init__(self, rows: np.ndarray, weights: np.ndarray | None = None) -> None:
         self.count, self.n = rows.shape
-        values = np.sort(rows, axis=1)
+        if weights is None:
+            values = np.sort(rows, axis=1)
+        else:
+            order = np.argsort(rows, axis=1, kind="stable")
+            values = np.take_along_axis(rows, order, axis=1)
+            sorted_weights = np.take_along_axis(weights, order, axis=1).astype(np.float64)
         self.row_keys = np.arange(self.count, dtype=np.uint64) << np.uint64(32)
         self.keys = (_sortable_keys(values) | self.row_keys[:, None]).ravel()
         self.values = values.ravel()
-        prefix = np.zeros((2, self.count, self.n + 1))
-        np.cumsum(values, axis=1, dtype=np.float64, out=prefix[0, :, 1:])
-        np.cumsum(np.square(values, dtype=np.float64), axis=1, out=prefix[1, :, 1:])
+        self.prefix_w: np.ndarray | None = None
+        if weights is None:
+            prefix = np.zeros((2, self.count, self.n + 1))
+            np.cumsum(values, axis=1, dtype=np.float64, out=prefix[0, :, 1:])
+            np.cumsum(np.square(values, dtype=np.float64), axis=1, out=prefix[1, :, 1:])
+        else:
+            prefix = np.zeros((3, self.count, self.n + 1))
+            weighted = sorted_weights * values
+            np.cumsum(weighted, axis=1, out=prefix[0, :, 1:])
+            np.cumsum(weighted * values, axis=1, out=prefix[1, :, 1:])
+            np.cumsum(sorted_weights, axis=1, out=prefix[2, :, 1:])
+            self.prefix_w = prefix[2].ravel()
         self.prefix, self.prefix_sq = prefix[0].ravel(), prefix[1].ravel()
 
     def boundary_keys(self, centres: np.ndarray, rows: np.ndarray) -> np.ndarray:
@@ -226,9 +255,14 @@ class _SortedGroups:
         One empty cluster per group is reseeded per iteration, which is enough since emptiness
         is rare (duplicate values, or fewer distinct values than table entries).
         """
-        at = self.prefix[cuts + (rows * (self.n + 1))[:, None]]
+        flat = cuts + (rows * (self.n + 1))[:, None]
+        at = self.prefix[flat]
         sizes = np.diff(cuts, axis=1)
-        new = np.where(sizes > 0, np.diff(at, axis=1) / np.maximum(sizes, 1), centres)
+        if self.prefix_w is None:
+            new = np.where(sizes > 0, np.diff(at, axis=1) / np.maximum(sizes, 1), centres)
+        else:  # weighted mean; a non-empty cluster has a positive weight (_MIN_IMPORTANCE)
+            mass = np.diff(self.prefix_w[flat], axis=1)
+            new = np.where(sizes > 0, np.diff(at, axis=1) / np.where(sizes > 0, mass, 1.0), centres)
         empty = sizes == 0
         if empty.any():
             new = self._reseed(new, cuts, sizes, empty, rows)
@@ -280,19 +314,26 @@ class _SortedGroups:
         base = (rows * (self.n + 1))[:, None]
         first_s1, first_s2 = self.prefix[base], self.prefix_sq[base]
         last_s1, last_s2 = self.prefix[base + self.n], self.prefix_sq[base + self.n]
+        # the weight below each candidate (None: the count, i.e. the candidate position itself)
+        sw = first_w = last_w = None
+        if self.prefix_w is not None:
+            sw, first_w, last_w = self.prefix_w[flat], self.prefix_w[base], self.prefix_w[base + self.n]
         # best[w]: least SSE of clusters 0..j with boundary j at candidate w.
-        best = _interval_sse(cand[:, 0], s1[:, 0], s2[:, 0], 0, first_s1, first_s2)
+        best = _interval_sse(cand[:, 0], s1[:, 0], s2[:, 0], 0, first_s1, first_s2, _pick(sw, 0), first_w)
         back = []
         for j in range(1, layers):
-            # SSE(a, b) = S2(b) - S2(a) - (S1(b) - S1(a))**2 / (b - a); S2(b) is added after the min.
+            # SSE(a, b) = S2(b) - S2(a) - (S1(b) - S1(a))**2 / W(a, b); S2(b) is added after the min.
             total = _interval_sse_less_end(
-                cand[:, j, None, :], s1[:, j, None, :], cand[:, j - 1, :, None], s1[:, j - 1, :, None]
-            )
+                cand[:, j, None, :], s1[:, j, None, :], cand[:, j - 1, :, None], s1[:, j - 1, :, None],
+                None if sw is None else sw[:, j, None, :], None if sw is None else sw[:, j - 1, :, None],
+            )  # fmt: skip
             total += (best - s2[:, j - 1])[:, :, None]
             arg = np.argmin(total, axis=1)
             back.append(arg)
             best = np.take_along_axis(total, arg[:, None, :], 1)[:, 0, :] + s2[:, j]
-        best = best + _interval_sse(self.n, last_s1, last_s2, cand[:, -1], s1[:, -1], s2[:, -1])
+        best = best + _interval_sse(
+            self.n, last_s1, last_s2, cand[:, -1], s1[:, -1], s2[:, -1], last_w, _pick(sw, -1)
+        )
         w = np.argmin(best, axis=1)
         new = cuts.copy()
         new[:, layers] = cand[pick, layers - 1, w]
@@ -302,19 +343,34 @@ class _SortedGroups:
         return new
 
 
-def _interval_sse(b, b1, b2, a, a1, a2) -> np.ndarray:
-    """Sum of squared deviations of the sorted values in [a, b) from their mean (b >= a)."""
-    size = np.maximum(np.asarray(b) - np.asarray(a), 1)
+def _pick(prefix_w: np.ndarray | None, j: int) -> np.ndarray | None:
+    """Boundary ``j``'s candidates' weights, or None in an unweighted fit."""
+    return None if prefix_w is None else prefix_w[:, j]
+
+
+def _interval_sse(b, b1, b2, a, a1, a2, bw=None, aw=None) -> np.ndarray:
+    """Sum of squared deviations of the sorted values in [a, b) from their mean (b >= a).
+
+    ``bw``/``aw``: the weight prefix at b and a, for the weighted sum about the weighted mean
+    (None: unweighted, the weight of [a, b) is its count).
+    """
+    if bw is None:
+        size = np.maximum(np.asarray(b) - np.asarray(a), 1)
+    else:  # a non-empty interval weighs > 0 (_MIN_IMPORTANCE); an empty one sums to 0 anyway
+        size = np.where(np.asarray(b) - np.asarray(a) > 0, bw - aw, 1.0)
     total = b1 - a1
     return (b2 - a2) - total * total / size
 
 
-def _interval_sse_less_end(b, b1, a, a1) -> np.ndarray:
-    """``SSE(a, b) - S2(b) + S2(a)``, i.e. minus sum**2/size; +inf where a > b (no interval)."""
+def _interval_sse_less_end(b, b1, a, a1, bw=None, aw=None) -> np.ndarray:
+    """``SSE(a, b) - S2(b) + S2(a)``, i.e. minus sum**2/weight; +inf where a > b (no interval)."""
     size = b - a
     total = b1 - a1
     total *= total
-    total /= np.maximum(size, 1)
+    if bw is None:
+        total /= np.maximum(size, 1)
+    else:
+        total /= np.where(size > 0, bw - aw, 1.0)
     np.negative(total, out=total)
     total[size < 0] = np.inf
     return total
@@ -386,9 +442,12 @@ def _refine(groups: _SortedGroups, centres: np.ndarray, rounds: int, iters: int)
     return centres
 
 
-def _fit_batch(rows: np.ndarray, entries: int, iters: int, rounds: int) -> tuple[np.ndarray, np.ndarray]:
-    """Fit one table per row of ``rows`` (groups, n); return (indices (groups, n), lut fp16)."""
-    groups = _SortedGroups(rows)
+def _fit_batch(
+    rows: np.ndarray, entries: int, iters: int, rounds: int, weights: np.ndarray | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """Fit one table per row of ``rows`` (groups, n), each element's squared error times its
+    ``weights`` entry if given; return (indices (groups, n), lut fp16)."""
+    groups = _SortedGroups(rows, weights)
     everyone = np.arange(groups.count)
     centres = _density_init(groups.values.reshape(rows.shape), entries)
     # Converge in float64 first: rounding every step to fp16 stalls Lloyd's small late moves.
@@ -414,14 +473,19 @@ def fit_lut(
     spec: LUTSpec,
     iters: int = DEFAULT_ITERS,
     refine_rounds: int = DEFAULT_REFINE_ROUNDS,
+    importance: np.ndarray | None = None,
 ) -> LUTWeight:
     """Fit a palettized version of ``weight`` (Cout, Cin[, 1, 1]) by 1-D k-means per channel group.
 
     ``iters`` bounds each Lloyd run; ``refine_rounds`` bounds the escapes from Lloyd's local
     optima (0: plain Lloyd, about 2-4x faster, 2-13% more error on real weights).
 
-    Deterministic: the same weight and spec give byte-identical indices and tables, which the
-    byte-identical exports (and weight sharing across multifunction programs) rely on.
+    ``importance``: how much an error in each input column costs (for a Linear, the mean square of
+    its input feature over calibration data), shape (Cin,) or the weight's shape; each element's
+    squared error is weighted by it.  Only ratios matter.  None: the plain, unweighted fit.
+
+    Deterministic: the same weight, spec and importance give byte-identical indices and tables,
+    which the byte-identical exports (and weight sharing across multifunction programs) rely on.
     """
     w = _as_float32(weight)
     if w.ndim < 2:
@@ -430,22 +494,51 @@ def fit_lut(
         raise UnsupportedError("LUT fitting needs finite weights within the fp16 range")
     num_groups = spec.num_groups(w.shape[0])
     rows = (w + np.float32(0.0)).reshape(num_groups, -1)  # +0.0 turns -0.0 into +0.0
+    element_weights = None if importance is None else _element_weights(importance, w.shape)
     per_batch = max(1, _BATCH_ELEMENTS // max(1, rows.shape[1]))
     indices = np.empty(rows.shape, dtype=np.uint8)
     lut = np.empty((num_groups, spec.entries), dtype=np.float16)
+    rows_per_group = w.shape[0] // num_groups
     for start in range(0, num_groups, per_batch):
         stop = min(num_groups, start + per_batch)
+        batch_weights = None
+        if element_weights is not None:  # broadcast per batch: never the whole weight's worth at once
+            part = element_weights[start * rows_per_group : stop * rows_per_group]
+            batch_weights = np.ascontiguousarray(part).reshape(stop - start, -1)
         indices[start:stop], lut[start:stop] = _fit_batch(
-            rows[start:stop], spec.entries, iters, refine_rounds
+            rows[start:stop], spec.entries, iters, refine_rounds, batch_weights
         )
     return LUTWeight(indices=indices.reshape(w.shape), lut=lut, spec=spec)
 
 
-def lut_group_error(weight: np.ndarray | mx.array, lw: LUTWeight) -> np.ndarray:
-    """Mean squared reconstruction error of each channel group (float64, one per LUT)."""
-    w = _as_float32(weight).astype(np.float64).reshape(lw.lut.shape[0], -1)
+def _element_weights(importance: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+    """``importance`` (one per input column, or one per element) as a read-only (Cout, Cin...)
+    view, scaled to mean 1 and floored at ``_MIN_IMPORTANCE`` so every element counts a little."""
+    imp = np.asarray(importance, dtype=np.float64)
+    per_row = int(np.prod(shape[1:]))
+    if imp.shape != tuple(shape) and imp.size != per_row:
+        raise ValueError(f"importance of shape {imp.shape} fits neither the weight {shape} nor one row of it")
+    if not np.isfinite(imp).all() or (imp < 0).any():
+        raise ValueError("importance must be finite and >= 0")
+    mean = imp.mean() if imp.size else 0.0
+    imp = np.maximum(imp / mean, _MIN_IMPORTANCE) if mean > 0 else np.ones_like(imp)
+    if imp.shape == tuple(shape):
+        return imp.reshape(shape[0], per_row)
+    return np.broadcast_to(imp.reshape(1, per_row), (shape[0], per_row))
+
+
+def lut_group_error(
+    weight: np.ndarray | mx.array, lw: LUTWeight, importance: np.ndarray | None = None
+) -> np.ndarray:
+    """Mean squared reconstruction error of each channel group (float64, one per LUT); with
+    ``importance`` (as ``fit_lut`` takes it) each element's squared error is weighted by it."""
+    w = _as_float32(weight).astype(np.float64).reshape(lw.indices.shape[0], -1)
     diff = lw.dequantize().astype(np.float64).reshape(w.shape) - w
-    return np.mean(diff * diff, axis=1)
+    sq = diff * diff
+    if importance is not None:
+        imp = np.asarray(importance, dtype=np.float64)
+        sq *= imp.reshape(w.shape) if imp.size == w.size else imp.reshape(1, -1)
+    return np.mean(sq.reshape(lw.lut.shape[0], -1), axis=1)
 
 
 def lut_to_mil(lw: LUTWeight, shape: tuple[int, ...], name: str, weight_id: str | None = None) -> Any:
