@@ -645,7 +645,16 @@ def main() -> None:
         signal = e if isinstance(e, interrupts.Interrupted) else e.__cause__
         code = signal.exit_code if isinstance(signal, interrupts.Interrupted) else 130
         print("error: interrupted", file=sys.stderr)
-    sys.exit(code if isinstance(code, int) else 0)
+    code = code if isinstance(code, int) else 0
+    if code in (130, 143):
+        # A stopped run may leave MLX's per-thread stream workers (compare's reference thread)
+        # joinable, and C++ static destructors at interpreter exit then abort the process
+        # ("terminate called without an active exception", exit -6) after our one line.  The
+        # command has already cleaned up what it wrote, so leave without those destructors.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)
 
 
 if __name__ == "__main__":
