@@ -229,7 +229,7 @@ def test_cli_refuses_a_malformed_jsonl(llama: Path, tmp_path: Path) -> None:
     bad.write_text('{"text": 3}\n', encoding="utf-8")
     result = _cli("export", str(llama), "--out", str(tmp_path / "o"), "--lut", "4,4", "--calibration-file", str(bad))
     assert result.exit_code == 2
-    assert result.stderr.strip() == f'error: {bad} line 1: expected a JSON object with a non-empty "text" or "prompt" string'
+    assert result.stderr.strip() == f'error: {bad} line 1: expected a JSON object with a non-empty "text" or "prompt" string or a "messages" list'
 
 
 @pytest.mark.slow

@@ -94,6 +94,14 @@ class Tokenizer:
             return self.encode(text, add_special_tokens=False)
         return self.encode(prompt)
 
+    def encode_messages(self, messages: list[dict[str, str]], add_generation_prompt: bool = False) -> list[int]:
+        """A whole conversation's ids through the chat template (a training text, not a prompt to
+        answer, hence no generation prompt by default); without a template the turns are joined
+        by blank lines and encoded plainly, as ``encode_prompt`` falls back to plain text."""
+        if self.chat_template:
+            return self.encode(self.apply_chat_template(messages, add_generation_prompt), add_special_tokens=False)
+        return self.encode("\n\n".join(m["content"] for m in messages))
+
 
 class StreamingDetokenizer:
     """Turns a growing list of ids into text pieces, holding back incomplete UTF-8 sequences."""

@@ -15,7 +15,8 @@ tables are lookups, have no input activations, and stay unweighted.
 What is run: the built-in calibration prompts (``data/calibration.jsonl``, through the chat
 template, each continued by a few greedy tokens so the model's own answers are measured too), or
 the user's files: ``.txt`` (the whole file as plain text) and ``.jsonl`` (``"text"``: plain text;
-``"prompt"``: chat-templated and continued like the built-in prompts).  Long texts are cut into
+``"prompt"``: chat-templated and continued like the built-in prompts; ``"messages"``: a whole
+conversation, a list of ``{"role", "content"}``, rendered by the chat template as it stands).  Long texts are cut into
 segments of at most ``SEGMENT`` tokens, each run from position 0.  Never the eval prompts
 (``data/prompts.jsonl``): what ``compare`` measures must not be what the fit saw.
 """
@@ -33,6 +34,7 @@ import numpy as np
 from .. import interrupts
 from ..errors import BadArgumentError
 from ..loading import LoadedModel
+from ..loading.tokenizer import Tokenizer
 from ..models.base import DecoderModel
 from ..ops.mlx_ops import MLXOps
 from ..ops.vocabulary import Embedding, Linear
@@ -48,10 +50,18 @@ Progress = Callable[[str, int, int], None]  # (stage, samples done, samples tota
 
 @dataclass(frozen=True)
 class CalibrationSample:
-    """One calibration text: ``chat`` ones go through the chat template and are continued greedily."""
+    """One calibration text: ``chat`` ones go through the chat template and are continued greedily;
+    ``messages`` (a conversation, as (role, content) pairs) is rendered whole and not continued."""
 
     text: str
     chat: bool
+    messages: tuple[tuple[str, str], ...] | None = None
+
+    def ids(self, tokenizer: Tokenizer) -> list[int]:
+        """The sample's token ids, before any continuation."""
+        if self.messages is not None:
+            return tokenizer.encode_messages([{"role": r, "content": c} for r, c in self.messages])
+        return tokenizer.encode_prompt(self.text, self.chat)
 
 
 @dataclass
@@ -67,34 +77,41 @@ def calibration_set(files: list[Path] | None = None) -> CalibrationSet:
     ``BadArgumentError`` naming the file (and line), so the CLI can check them before loading."""
     if not files:
         return CalibrationSet([CalibrationSample(p, chat=True) for p in calibration_prompts()], BUILT_IN)
+    return CalibrationSet(read_samples(files), ", ".join(str(p) for p in files))
+
+
+def read_samples(files: list[Path], noun: str = "calibration file") -> list[CalibrationSample]:
+    """Every sample of ``files`` in order (the reader other text-driven passes share: the KD cache's
+    ``--data``); ``noun`` names the files in the one-line errors."""
     samples: list[CalibrationSample] = []
     for path in map(Path, files):
-        samples += _read_file(path)
-    return CalibrationSet(samples, ", ".join(str(p) for p in files))
+        samples += _read_file(path, noun)
+    return samples
 
 
-def _read_file(path: Path) -> list[CalibrationSample]:
+def _read_file(path: Path, noun: str = "calibration file") -> list[CalibrationSample]:
     if not path.is_file():
-        raise BadArgumentError(f"calibration file not found: {path}")
+        raise BadArgumentError(f"{noun} not found: {path}")
     if path.suffix.lower() not in SUFFIXES:
         raise BadArgumentError(
-            f'calibration file {path} must be .txt (plain text) or .jsonl ("text" or "prompt" per line)'
+            f'{noun} {path} must be .txt (plain text) or .jsonl ("text", "prompt" or "messages" per line)'
         )
     try:
         text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError:
-        raise BadArgumentError(f"calibration file {path} is not UTF-8 text") from None
+        raise BadArgumentError(f"{noun} {path} is not UTF-8 text") from None
     if path.suffix.lower() == ".txt":
         samples = [CalibrationSample(text, chat=False)] if text.strip() else []
     else:
         samples = [s for n, line in enumerate(text.splitlines(), 1) if (s := _jsonl_sample(line, path, n))]
     if not samples:
-        raise BadArgumentError(f"calibration file {path} holds no text")
+        raise BadArgumentError(f"{noun} {path} holds no text")
     return samples
 
 
 def _jsonl_sample(line: str, path: Path, number: int) -> CalibrationSample | None:
-    """One JSONL line: ``{"text": ...}`` (plain) or ``{"prompt": ...}`` (chat); None when blank."""
+    """One JSONL line: ``{"text": ...}`` (plain), ``{"prompt": ...}`` (chat) or ``{"messages":
+    [{"role": ..., "content": ...}, ...]}`` (a conversation); None when blank."""
     if not line.strip():
         return None
     try:
@@ -106,7 +123,24 @@ def _jsonl_sample(line: str, path: Path, number: int) -> CalibrationSample | Non
             value = record.get(key)
             if isinstance(value, str) and value.strip():
                 return CalibrationSample(value, chat)
-    raise BadArgumentError(f'{path} line {number}: expected a JSON object with a non-empty "text" or "prompt" string')
+        if "messages" in record:
+            return CalibrationSample("", chat=True, messages=_messages(record["messages"], path, number))
+    raise BadArgumentError(
+        f'{path} line {number}: expected a JSON object with a non-empty "text" or "prompt" string or a "messages" list'
+    )
+
+
+def _messages(value: object, path: Path, number: int) -> tuple[tuple[str, str], ...]:
+    """A chat record's messages as (role, content) pairs: hashable, and checked here so that a bad
+    record is named by its line before any model loads."""
+    ok = isinstance(value, list) and value and all(
+        isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str) for m in value
+    )
+    if not ok or not isinstance(value, list):
+        raise BadArgumentError(
+            f'{path} line {number}: "messages" must be a non-empty list of {{"role": str, "content": str}} objects'
+        )
+    return tuple((m["role"], m["content"]) for m in value)
 
 
 @dataclass
@@ -198,10 +232,10 @@ def collect_input_moments(
 def _sample_ids(lm: LoadedModel, sample: CalibrationSample, continuation: int) -> list[int]:
     """The sample's ids; a chat sample continued by up to ``continuation`` greedy tokens (through
     an EOS), so the statistics see the model's own answers as well as the prompt."""
-    ids = lm.tokenizer.encode_prompt(sample.text, sample.chat)
+    ids = sample.ids(lm.tokenizer)
     if not ids:
         raise BadArgumentError(f"the calibration text {sample.text[:40]!r} encodes to no tokens")
-    if not sample.chat or continuation <= 0:
+    if not sample.chat or sample.messages is not None or continuation <= 0:
         return ids
     context = lm.model.args.max_position_embeddings
     ids = ids[: max(1, context - continuation)]  # a prompt too long for the context still calibrates, cut
