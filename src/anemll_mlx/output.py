@@ -197,10 +197,7 @@ class OutputFolder(_Target):
     def _commit(self, partial: Path) -> None:
         """Mark the partial as ours and swap it in; the previous output is removed only after."""
         entries = sorted(p.name for p in partial.iterdir() if p.name != MARKER)
-        from . import __version__
-
-        marker = {"written_by": "anemll-mlx", "version": __version__, "kind": self.kind, "entries": entries}
-        (partial / MARKER).write_text(json.dumps(marker, indent=2) + "\n", encoding="utf-8")
+        (partial / MARKER).write_text(marker_text(self.kind, entries), encoding="utf-8")
         self._check_replaceable()  # again: files may have appeared in the target meanwhile
         if not self.path.exists() or not any(self.path.iterdir()):
             os.replace(partial, self.path)  # rename(2) replaces an empty folder in one step
@@ -213,6 +210,15 @@ class OutputFolder(_Target):
             os.rename(previous, self.path)
             raise
         shutil.rmtree(previous, ignore_errors=True)
+
+
+def marker_text(kind: str, entries: list[str]) -> str:
+    """The marker file's text: what anemll-mlx put in a folder, so ``--force`` may replace it later.
+    A folder grown in place (a KD cache, resumable shard by shard) rewrites it as it grows."""
+    from . import __version__
+
+    marker = {"written_by": "anemll-mlx", "version": __version__, "kind": kind, "entries": sorted(entries)}
+    return json.dumps(marker, indent=2) + "\n"
 
 
 def foreign_entries(folder: Path) -> list[str]:

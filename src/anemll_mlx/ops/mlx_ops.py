@@ -162,6 +162,15 @@ class MLXKVCache:
     def state(self) -> list[mx.array]:
         return self.keys + self.values
 
+    def repeat(self, batch: int) -> MLXKVCache:
+        """This cache copied into ``batch`` rows: many continuations of one prompt share its prefill
+        (the cache starts with one row; the forward follows the batch of the ids it is given)."""
+        copy = MLXKVCache.__new__(MLXKVCache)
+        copy.context = self.context
+        copy.keys = [mx.repeat(k[:1], batch, axis=0) for k in self.keys]
+        copy.values = [mx.repeat(v[:1], batch, axis=0) for v in self.values]
+        return copy
+
 
 def _start(step: Step) -> int:
     """The first position of an MLX call (MLX steps always know it as a number)."""
