@@ -587,6 +587,52 @@ def probe(
     print(report["verdict"])
 
 
+@app.command("kd-cache")
+def kd_cache(
+    model: ModelArg,
+    out: Annotated[str, typer.Option("--out", help="The cache folder (a rerun with the same settings resumes it)")],
+    data: Annotated[list[str] | None, typer.Option("--data", help='Training text: .txt, or .jsonl with "text", "prompt" or "messages" per line (repeatable; default: the teacher samples its own from the built-in prompts)')] = None,
+    samples: Annotated[int, typer.Option(help="Samples (sequences) to cache; fewer when the data is short")] = 1024,
+    max_length: Annotated[int, typer.Option(help="Tokens per sample")] = 128,
+    top_k: Annotated[int, typer.Option(help="Teacher logits kept per position")] = 64,
+    seed: Annotated[int, typer.Option(help="Seed of the sampled text and of the choice of data pieces")] = 0,
+) -> None:
+    """Cache the teacher's top-k logits over training text, for knowledge-distillation QAT."""
+    import time
+    from pathlib import Path
+
+    from rich.progress import Progress
+
+    from .loading import load, read_config
+    from .models import build_model
+    from .probe.calibrate import read_samples
+    from .qat.kd_cache import build_kd_cache, check_out, check_settings
+
+    with user_errors():
+        files = [Path(f) for f in data or []]
+        read_samples(files, noun="data file")  # missing, misnamed or malformed files fail here
+        config, source = read_config(model)
+        check_settings(build_model(config).args, samples, max_length, top_k)
+        check_out(Path(out), [source])
+        lm = load(model, "float32")
+        start = time.perf_counter()
+        with Progress(*_bar_columns(), console=console, transient=True) as bar:
+            task = bar.add_task("kd-cache", total=None)
+            cache = build_kd_cache(
+                lm, Path(out), files or None, samples, max_length, top_k, seed,
+                progress=lambda done, total: bar.update(task, completed=done, total=total),
+            )  # fmt: skip
+        seconds = time.perf_counter() - start
+    tokens = cache.tokens
+    if cache.built == 0:
+        print(f"{cache.path}: already complete, {cache.samples} samples of {tokens} tokens ({cache.nbytes / 2**20:.1f} MB)")
+    else:
+        print(
+            f"{cache.path}: {cache.samples} samples, {tokens} tokens, top {cache.top_k} logits per position, "
+            f"{cache.built} samples made in {seconds:.1f} s, {cache.nbytes / 2**20:.1f} MB"
+        )
+
+
 def _probe_table(report: dict) -> Table:
     """Per-layer peaks; rows past 0.75 x fp16 max in red."""
     sites = ("residual", "attn_out", "mlp_hidden", "mlp_out", "attn_scores")
