@@ -306,3 +306,31 @@ def test_cli_refuses_a_folder_holding_another_cache(
 
 def test_module_constants_keep_batches_inside_shards() -> None:
     assert kd_cache.SHARD_SAMPLES % kd_cache.GROUP == 0
+
+
+def test_cli_interrupted_keeps_whole_shards_and_resumes(llama: Path, built: KDCache, tmp_path: Path, monkeypatch) -> None:
+    import signal
+
+    from anemll_mlx.interrupts import Interrupted
+
+    out = tmp_path / "stopped"
+    flags = ["--out", str(out), "--samples", "70", "--max-length", str(L), "--top-k", str(K)]
+    real = kd_cache._make_shard
+    calls = []
+
+    def second_shard_interrupted(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise Interrupted(signal.SIGINT)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(kd_cache, "_make_shard", second_shard_interrupted)
+    result = _cli("kd-cache", str(llama), *flags)
+    assert result.exit_code == 130
+    assert result.stderr.strip() == f"error: interrupted (Ctrl-C); 64 samples kept in {out}: rerun the same command to resume"
+    assert sorted(p.name for p in out.iterdir()) == [".anemll-mlx.json", "manifest.json", "shard-00000.safetensors"]
+    monkeypatch.setattr(kd_cache, "_make_shard", real)
+    result = _cli("kd-cache", str(llama), *flags)
+    assert result.exit_code == 0 and "6 samples made in" in result.stdout
+    for s in built.manifest["shards"]:
+        assert (out / s["file"]).read_bytes() == (built.path / s["file"]).read_bytes()

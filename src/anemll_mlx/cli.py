@@ -616,12 +616,20 @@ def kd_cache(
         check_out(Path(out), [source])
         lm = load(model, "float32")
         start = time.perf_counter()
-        with Progress(*_bar_columns(), console=console, transient=True) as bar:
-            task = bar.add_task("kd-cache", total=None)
-            cache = build_kd_cache(
-                lm, Path(out), files or None, samples, max_length, top_k, seed,
-                progress=lambda done, total: bar.update(task, completed=done, total=total),
-            )  # fmt: skip
+        done = [0]
+
+        def progress(made: int, total: int) -> None:
+            done[0] = made
+            bar.update(task, completed=made, total=total)
+
+        try:
+            with Progress(*_bar_columns(), console=console, transient=True) as bar:
+                task = bar.add_task("kd-cache", total=None)
+                cache = build_kd_cache(lm, Path(out), files or None, samples, max_length, top_k, seed, progress)
+        except interrupts.Interrupted as e:  # unlike other commands, the whole shards stay: say so
+            interrupts.clear()
+            print(f"error: {e.message}; {done[0]} samples kept in {out}: rerun the same command to resume", file=sys.stderr)
+            raise typer.Exit(e.exit_code) from None
         seconds = time.perf_counter() - start
     tokens = cache.tokens
     if cache.built == 0:
