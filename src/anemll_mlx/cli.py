@@ -334,12 +334,15 @@ def export(
             calibrate=calibrate or bool(calibration_file),
             calibration_files=[Path(f) for f in calibration_file or []],
         )
+        given = {"ffn": lut, "lm_head": lut_lm_head, "embeddings": lut_embeddings}
+        explicit = {part for part, text in given.items() if text is not None}
+        checkpoint = checkpoint_lut(model)  # a LUT checkpoint exports its own tables
+        if checkpoint is not None:
+            options.adopt_checkpoint(checkpoint, explicit)
         options.check_flags()
         config, source = read_config(model)
-        checkpoint = checkpoint_lut(source)  # a LUT checkpoint exports its own tables
-        if checkpoint is not None:
-            given = {"ffn": lut, "lm_head": lut_lm_head, "embeddings": lut_embeddings}
-            options.adopt_checkpoint(checkpoint, explicit={part for part, text in given.items() if text is not None})
+        if checkpoint is None and (checkpoint := checkpoint_lut(source)) is not None:  # a hub id's snapshot
+            options.adopt_checkpoint(checkpoint, explicit)
             options.check_flags()
         target = check_output(out, force, source)
         skeleton = build_model(config)  # shapes only: no weights are read to plan
