@@ -257,9 +257,11 @@ def info(model: ModelArg) -> None:
     Console().print(table)
 
 
-def _lut(flag: str, text: str):
+def _lut(flag: str, text: str | None):
     from .quant.lut import parse_lut_spec
 
+    if text is None:
+        return None
     try:
         return parse_lut_spec(text)
     except UserError as e:
@@ -283,9 +285,9 @@ def export(
     batch: Annotated[int, typer.Option(help="Tokens per prefill call")] = 64,
     chunk: Annotated[str, typer.Option(help="Number of FFN chunks, or auto (fewest under --max-chunk-mb)")] = "auto",
     max_chunk_mb: Annotated[float, typer.Option(help="Budget per program in MB (compiled bytes; above ~250 Core ML may leave the ANE)")] = 250.0,
-    lut: Annotated[str, typer.Option(help="LUT for the FFN chunks: BITS[,GROUP|0|t] or none")] = "none",
-    lut_lm_head: Annotated[str, typer.Option(help="LUT for the LM head")] = "none",
-    lut_embeddings: Annotated[str, typer.Option("--lut-embeddings", "--lut-embed", help="LUT for the embeddings")] = "none",
+    lut: Annotated[str | None, typer.Option(help="LUT for the FFN chunks: BITS[,GROUP|0|t] or none [default: none, or a LUT checkpoint's own]")] = None,
+    lut_lm_head: Annotated[str | None, typer.Option(help="LUT for the LM head [default: none, or a LUT checkpoint's own]")] = None,
+    lut_embeddings: Annotated[str | None, typer.Option("--lut-embeddings", "--lut-embed", help="LUT for the embeddings [default: none, or a LUT checkpoint's own]")] = None,
     fp16_scale: Annotated[str, typer.Option(help="auto (recipe or probe), none, or a number")] = "auto",
     prefix: Annotated[str | None, typer.Option(help="File name prefix (default: the architecture)")] = None,
     split_lm_head: Annotated[str, typer.Option(help="LM head pieces, or auto (<= 16384 rows each)")] = "auto",
@@ -303,6 +305,7 @@ def export(
 
     from .export import ExportOptions, can_compile, check_output, collect_moments, export_model
     from .loading import load, read_config
+    from .loading.checkpoint import checkpoint_lut
     from .models import build_model
     from .probe.decision import decide_fp16_scale, parse_fp16_scale
     from .probe.recipes import find_recipe
@@ -331,12 +334,21 @@ def export(
             calibrate=calibrate or bool(calibration_file),
             calibration_files=[Path(f) for f in calibration_file or []],
         )
+        given = {"ffn": lut, "lm_head": lut_lm_head, "embeddings": lut_embeddings}
+        explicit = {part for part, text in given.items() if text is not None}
+        checkpoint = checkpoint_lut(model)  # a LUT checkpoint exports its own tables
+        if checkpoint is not None:
+            options.adopt_checkpoint(checkpoint, explicit)
         options.check_flags()
         config, source = read_config(model)
+        if checkpoint is None and (checkpoint := checkpoint_lut(source)) is not None:  # a hub id's snapshot
+            options.adopt_checkpoint(checkpoint, explicit)
+            options.check_flags()
         target = check_output(out, force, source)
         skeleton = build_model(config)  # shapes only: no weights are read to plan
         options.check_model(skeleton)
         plan = options.plan(skeleton)
+        options.check_plan(plan)
         table = Table(title=f"plan: {len(plan.chunks)} chunk(s), budget {max_chunk_mb:g} MB")
         for col in ("part", "layers", "MB"):
             table.add_column(col)

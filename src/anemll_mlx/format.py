@@ -287,6 +287,9 @@ class ExportMeta:
     kv_states: list[KVState] | None = None
     head_part_pieces: list[int] | None = None  # LM-head pieces in each LM-head program (when split)
     calibration: Calibration | None = None  # the LUTs were fitted weighted by these statistics
+    # the LUTs of some parts are a LUT checkpoint's, exported as they are: {"checkpoint": folder,
+    # "qat_json_sha256": sha256 of its qat.json, "parts": [the parts whose tables it gave]}
+    lut_source: dict | None = None
     missing_info: list[str] = field(default_factory=list)  # model_info keys ANEMLL reads that are absent
 
     @property
@@ -360,6 +363,8 @@ class ExportMeta:
                 "tokens": self.calibration.tokens,
                 "statistic": self.calibration.statistic,
             }
+        if self.lut_source is not None:
+            ours["lut_source"] = self.lut_source
         states = self.kv_states or []
         if len(states) == 1 and states[0].name == KV_STATE:
             ours["kv_state"] = {"name": KV_STATE, "shape": list(states[0].shape)}
@@ -423,6 +428,7 @@ class ExportMeta:
             chunk_layers=[range(a, b) for a, b in ours["chunk_layers"]] if ours.get("chunk_layers") else None,
             kv_states=_read_states(ours),
             calibration=_read_calibration(ours, where),
+            lut_source=ours.get("lut_source") if isinstance(ours.get("lut_source"), dict) else None,
             missing_info=[k for k in MODEL_INFO_KEYS if k not in info],
         )
 

@@ -22,11 +22,12 @@ from __future__ import annotations
 import math
 
 import mlx.core as mx
+import numpy as np
 
 from .errors import BadArgumentError, UnsupportedError
 from .models.base import DecoderModel
 from .ops.vocabulary import Embedding, Linear, Norm
-from .quant.lut import LUTConfig, fit_lut
+from .quant.lut import LUTConfig, LUTWeight, fit_lut
 
 
 def apply_fp16_scale(model: DecoderModel, alpha: float) -> DecoderModel:
@@ -45,6 +46,7 @@ def apply_fp16_scale(model: DecoderModel, alpha: float) -> DecoderModel:
     readers = [norm for block in blocks for norm in block.stream_norms()] + [model.model.norm]
     for holder in outputs:
         _scale_holder(holder, alpha)
+    _scale_checkpoint_tables(model, {id(holder) for holder in outputs}, alpha)
     for norm in readers:
         norm.eps = norm.eps * alpha * alpha
     model.embed_scale = model.embed_scale * alpha
@@ -58,6 +60,17 @@ def _scale_holder(holder: Linear | Norm, alpha: float) -> None:
         if name in holder:
             value = getattr(holder, name)
             setattr(holder, name, (value.astype(mx.float32) * alpha).astype(value.dtype))
+
+
+def _scale_checkpoint_tables(model: DecoderModel, scaled: set[int], alpha: float) -> None:
+    """A LUT checkpoint's tables of the scaled holders, scaled too (float32 product rounded to
+    fp16: what the export of the scaled dense weight would hold), so the export emits the scaled
+    weights whether it reads the holder or the table."""
+    for target in model.lut_targets():
+        lw = model.lut_weights.get(target.name)
+        if lw is not None and id(target.holder) in scaled:
+            table = (lw.lut.astype(np.float32) * np.float32(alpha)).astype(np.float16)
+            model.lut_weights[target.name] = LUTWeight(lw.indices, table, lw.spec)
 
 
 def apply_lut(model: DecoderModel, config: LUTConfig) -> DecoderModel:

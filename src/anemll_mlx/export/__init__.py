@@ -10,7 +10,7 @@ import platform
 import shutil
 import subprocess
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -40,6 +40,7 @@ if TYPE_CHECKING:
     from ..probe.calibrate import InputMoments
 
 Progress = Callable[[str, int, int], None]  # (part, steps done, steps total)
+LUT_FLAGS = {"ffn": "--lut", "lm_head": "--lut-lm-head", "embeddings": "--lut-embeddings"}
 
 
 @dataclass
@@ -60,6 +61,26 @@ class ExportOptions:
     # calibration_files (.txt / .jsonl, see probe.calibrate) when given
     calibrate: bool = False
     calibration_files: list[Path] = field(default_factory=list)
+    # the LUT config of the LUT checkpoint being exported: its parts' tables are emitted as they are
+    # (set by ``adopt_checkpoint``; ``lut`` then holds its specs for those parts)
+    checkpoint_lut: LUTConfig | None = None
+
+    def adopt_checkpoint(self, checkpoint: LUTConfig, explicit: Collection[str] = ()) -> None:
+        """Export a LUT checkpoint: each part it quantized takes its spec (and its tables, as they
+        are); a part it did not may still take a fitted LUT.  A spec asked for a quantized part
+        that differs from the checkpoint's is refused; so is an explicit none (``explicit``: the
+        parts whose flags were given, so that a flag left out is not read as none)."""
+        merged = {}
+        for part, spec in checkpoint.items():
+            asked = self.lut[part]
+            if spec is not None and asked != spec and (asked is not None or part in explicit):
+                raise BadArgumentError(
+                    f"{LUT_FLAGS[part]} {asked or 'none'} differs from the checkpoint's {part} LUT {spec}: its "
+                    "tables are exported as they are (leave the flag out)"
+                )
+            merged[part] = spec if spec is not None else asked
+        self.lut = LUTConfig(**merged)
+        self.checkpoint_lut = checkpoint
 
     def check_flags(self) -> None:
         """Every check that needs no model, so bad flags fail before anything is loaded."""
@@ -90,6 +111,13 @@ class ExportOptions:
                 "--calibrate weights the LUT fits of the FFN and the LM head, but neither is quantized: "
                 "add --lut or --lut-lm-head"
             )
+        if self.calibrate and self.checkpoint_lut is not None:
+            fitted = [p for p in ("ffn", "lm_head") if self.lut[p] is not None and self.checkpoint_lut[p] is None]
+            if not fitted:
+                raise BadArgumentError(
+                    "--calibrate weights LUT fits, but the checkpoint's LUTs are exported as they are: "
+                    "nothing is left to fit (drop --calibrate)"
+                )
         if self.calibrate:
             from ..probe.calibrate import calibration_set
 
@@ -113,8 +141,32 @@ class ExportOptions:
             )
 
     def validate(self, model: DecoderModel) -> None:
+        if model.lut_weights:  # a LUT checkpoint (loading/checkpoint.py)
+            assert model.lut is not None
+            self.adopt_checkpoint(model.lut)
         self.check_flags()
         self.check_model(model)
+
+    def check_plan(self, plan: ExportPlan) -> None:
+        """A checkpoint's LUT weight split in row pieces (embeddings over the budget, LM-head
+        pieces) keeps whole groups of its table in each piece; a plan that cuts one is refused."""
+        if self.checkpoint_lut is None:
+            return
+        head_rows, start = [], 0
+        for sizes in plan.head_parts:
+            for size in sizes:
+                head_rows.append(range(start, start + size))
+                start += size
+        for name, pieces in (("embeddings", plan.embed_parts), ("lm_head", head_rows)):
+            spec = self.checkpoint_lut[name]
+            if spec is None or spec.group_size is None or len(pieces) < 2:
+                continue
+            bad = [r for r in pieces[:-1] if r.stop % spec.group_size]
+            if bad:
+                raise BadArgumentError(
+                    f"the {name} pieces of this export (one ends at row {bad[0].stop}) cut the checkpoint's LUT "
+                    f"groups of {spec.group_size} rows: choose --split-lm-head or --max-chunk-mb so every piece holds whole groups"
+                )
 
     def plan(self, model: DecoderModel) -> ExportPlan:
         """Chunks and LM-head pieces for ``model`` (shapes only: a skeleton from config.json plans the same)."""
@@ -191,6 +243,7 @@ def export_model(
     if isinstance(options.fp16_scale, float | int):
         apply_fp16_scale(model, options.fp16_scale)
     plan = plan or options.plan(model)
+    options.check_plan(plan)
     prefix = options.prefix or fmt.ARCHITECTURES[lm.architecture]
     files = part_files(prefix, options, plan)
 

@@ -8,45 +8,24 @@ themselves are ``anemll_mlx.format``'s; this module supplies the values.
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from .. import __version__
 from .. import format as fmt
-from ..loading import LoadedModel
+from ..loading import LoadedModel, files_sha256
+from ..loading.checkpoint import QAT_FILE
+from ..loading.tokenizer import write_tokenizer
 from .plan import ExportPlan
 from .programs import kv_states
 
 if TYPE_CHECKING:
     from ..probe.calibrate import InputMoments
 
-TOKENIZER_FILES = (
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "tokenizer.model",
-    "special_tokens_map.json",
-    "chat_template.jinja",
-    "generation_config.json",
-    "added_tokens.json",
-    "vocab.json",
-    "merges.txt",
-)
-
 
 def write_tokenizer_files(lm: LoadedModel, dest: Path) -> None:
-    """Copy the source's tokenizer files; a GGUF source gets them rebuilt from its metadata."""
-    if lm.folder is not None:
-        for name in TOKENIZER_FILES:
-            if (lm.folder / name).exists():
-                shutil.copy2(lm.folder / name, dest / name)
-    else:
-        tok = lm.tokenizer
-        (dest / "tokenizer.json").write_text(tok.backend.to_str(pretty=True))
-        (dest / "tokenizer_config.json").write_text(json.dumps(tok.config, indent=2, sort_keys=True))
-        eos = sorted(tok.eos_token_ids)
-        gen = {"eos_token_id": eos[0] if len(eos) == 1 else eos}
-        (dest / "generation_config.json").write_text(json.dumps(gen, indent=2))
+    """The source's tokenizer files (rebuilt from the metadata of a GGUF source) and its config."""
+    write_tokenizer(lm.tokenizer, lm.folder, dest)
     (dest / "config.json").write_text(json.dumps(lm.config, indent=2, sort_keys=True))
 
 
@@ -91,4 +70,17 @@ def export_meta(
         chunk_layers=plan.chunks,
         kv_states=kv_states(model, options.context),
         calibration=fmt.Calibration(moments.source, moments.tokens) if moments is not None else None,
+        lut_source=_lut_source(lm, options),
     )
+
+
+def _lut_source(lm: LoadedModel, options) -> dict | None:
+    """Where the LUTs of a checkpoint's parts came from: the folder and its qat.json's hash."""
+    checkpoint = options.checkpoint_lut
+    if checkpoint is None or lm.folder is None:
+        return None
+    return {
+        "checkpoint": str(lm.folder),
+        "qat_json_sha256": files_sha256([lm.folder / QAT_FILE]),
+        "parts": [part for part, spec in checkpoint.items() if spec is not None],
+    }

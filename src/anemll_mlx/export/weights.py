@@ -8,6 +8,10 @@ functions of a chunk share its bytes in the package without a deduplication pass
 
 With calibration statistics (``probe.calibrate.InputMoments``) each LUT is a sensitivity-weighted
 fit: every element's squared error weighted by the mean square of its input feature.
+
+A model loaded from a LUT checkpoint carries its tables (``DecoderModel.lut_weights``): those are
+emitted as they are, never refitted (a row piece of a split table takes its rows of the indices
+and its groups of the table, ``checkpoint_rows``).
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ from typing import TYPE_CHECKING, Any
 import mlx.core as mx
 import numpy as np
 
+from ..errors import BadArgumentError
 from ..models.base import DecoderModel, LUTTarget
 from ..ops.mil_ops import shared_const, to_numpy
 from ..ops.vocabulary import Embedding, Linear
@@ -62,6 +67,7 @@ class WeightStore:
         self.fitted: dict[str, PackedLUT] = {}  # fitted ahead (prefit), waiting for the trace
         self.emitted: dict[str, LUTWeight] = {}  # in the program being traced (every function's)
         self.dense: dict[str, np.ndarray] = {}
+        self.checkpoint = model.lut_weights  # tables from a LUT checkpoint, by target name
 
     def __call__(self, part: str, holder: Linear | Embedding, shape: tuple[int, ...], rows: range | None = None) -> Any:
         spec = self.lut[part]
@@ -76,12 +82,22 @@ class WeightStore:
         key = self._key(target.name, rows)
         if key not in self.emitted:
             ahead = self.fitted.pop(key, None)
-            if ahead is not None:
+            if target.name in self.checkpoint:
+                self.emitted[key] = checkpoint_rows(self._from_checkpoint(target, spec, rows), rows)
+            elif ahead is not None:
                 self.emitted[key] = ahead.unpack()
             else:
                 self.emitted[key] = fit_lut(_rows(holder, rows), spec, importance=self._importance(target))
             self._spent(holder, rows)
         return lut_to_mil(self.emitted[key], shape, _mil_name(key) + "_palettized", weight_id=key)
+
+    def _from_checkpoint(self, target: LUTTarget, spec: LUTSpec, rows: range | None) -> LUTWeight:
+        lw = self.checkpoint[target.name]
+        if lw.spec != spec:  # ExportOptions.check_model refuses this before any work
+            raise BadArgumentError(f"{target.name}: the checkpoint's LUT is {lw.spec}, the export asks for {spec}")
+        if self.consume and (rows is None or rows.stop == lw.indices.shape[0]):
+            del self.checkpoint[target.name]  # the last use: a consumed model lets its tables go too
+        return lw
 
     def _spent(self, holder: Linear | Embedding, rows: range | None) -> None:
         """Drop the model's array of a weight made whole (row pieces are dropped by the export,
@@ -107,7 +123,7 @@ class WeightStore:
         todo = [
             t for t in self.targets.values()
             if t.part == part and (layers is None or t.layer in layers)
-            and t.name not in self.fitted and t.name not in self.emitted
+            and t.name not in self.fitted and t.name not in self.emitted and t.name not in self.checkpoint
         ]  # fmt: skip
         # a layer at a time: only one layer's float32 weights are in memory (a LUT part holds many
         # more parameters than its bytes suggest: 8x an fp16 part's at 4 bits)
@@ -164,6 +180,20 @@ class PackedLUT:
         indices[0::2] = self.data & np.uint8(0x0F)
         indices[1::2] = self.data >> np.uint8(4)
         return LUTWeight(indices[:size].reshape(self.shape), self.lut, self.spec)
+
+
+def checkpoint_rows(lw: LUTWeight, rows: range | None) -> LUTWeight:
+    """Rows ``rows`` of a LUT weight: those rows of its indices and the tables of their groups
+    (``rows`` must hold whole groups: ``ExportOptions.check_plan``)."""
+    if rows is None or (rows.start == 0 and rows.stop == lw.indices.shape[0]):
+        return lw
+    per = lw.rows_per_group
+    if lw.lut.shape[0] == 1:
+        return LUTWeight(lw.indices[rows.start : rows.stop], lw.lut, lw.spec)
+    if rows.start % per or (rows.stop % per and rows.stop != lw.indices.shape[0]):
+        raise BadArgumentError(f"rows {rows.start}-{rows.stop - 1} cut the checkpoint's LUT groups of {per} rows")
+    table = lw.lut[rows.start // per : -(-rows.stop // per)]
+    return LUTWeight(lw.indices[rows.start : rows.stop], table, lw.spec)
 
 
 def _give_back_freed_memory() -> None:

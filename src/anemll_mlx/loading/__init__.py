@@ -17,6 +17,7 @@ from ..errors import BadArgumentError, CorruptModelError, ModelNotFoundError
 from ..models import build_model
 from ..models.base import DecoderModel, parameter_arrays
 from . import hub
+from .checkpoint import split_checkpoint
 from .safetensors import checkpoint_files, load_safetensors
 from .tokenizer import Tokenizer
 
@@ -135,7 +136,12 @@ def _load_folder(folder: Path, dtype: mx.Dtype, source: str, lazy: bool) -> Load
     config = _folder_config(folder)
     build_model(config)  # fail on an unsupported architecture before reading gigabytes
     weights = load_safetensors(folder)  # lazy: mx.load reads a tensor when it is evaluated
+    # a LUT checkpoint (loading/checkpoint.py): its tables become dense weights, kept for the export
+    checkpoint = split_checkpoint(folder, config, weights)
     model = _assemble(config, weights, dtype, lazy)
+    if checkpoint is not None:
+        model.lut = checkpoint.lut
+        model.lut_weights.update(checkpoint.luts)
     return LoadedModel(model, Tokenizer.from_folder(folder), config, source, folder, None, dtype, lazy)
 
 

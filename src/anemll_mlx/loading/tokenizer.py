@@ -8,6 +8,7 @@ tokenizer_config.json / generation_config.json are all generation needs.
 from __future__ import annotations
 
 import json
+import shutil
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -17,6 +18,36 @@ from jinja2 import TemplateError
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from ..errors import CorruptModelError, ModelNotFoundError, UserError
+
+# the files of a Hugging Face folder that describe its tokenizer (copied as they are)
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "tokenizer.model",
+    "special_tokens_map.json",
+    "chat_template.jinja",
+    "generation_config.json",
+    "added_tokens.json",
+    "vocab.json",
+    "merges.txt",
+)
+
+
+def write_tokenizer(tokenizer: Tokenizer, folder: Path | None, dest: Path) -> None:
+    """Tokenizer files in ``dest`` that ``Tokenizer.from_folder`` reads back as ``tokenizer``:
+    copies of ``folder``'s, or, without a folder (a GGUF source), tokenizer.json,
+    tokenizer_config.json (chat template included) and generation_config.json (EOS ids) rebuilt
+    from what the tokenizer holds."""
+    if folder is not None:
+        for name in TOKENIZER_FILES:
+            if (folder / name).exists():
+                shutil.copy2(folder / name, dest / name)
+        return
+    (dest / "tokenizer.json").write_text(tokenizer.backend.to_str(pretty=True))
+    (dest / "tokenizer_config.json").write_text(json.dumps(tokenizer.config, indent=2, sort_keys=True))
+    eos = sorted(tokenizer.eos_token_ids)
+    gen = {"eos_token_id": eos[0] if len(eos) == 1 else eos}
+    (dest / "generation_config.json").write_text(json.dumps(gen, indent=2))
 
 
 def _token_text(value: Any) -> str | None:

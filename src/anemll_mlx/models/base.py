@@ -10,6 +10,7 @@ replace under which export part.
 from __future__ import annotations
 
 import dataclasses
+from collections import UserDict
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, NamedTuple, Protocol, cast
 
@@ -23,7 +24,7 @@ from ..ops.mlx_ops import MLXKVCache, MLXOps
 from ..ops.vocabulary import Embedding, Linear, Norm, Ops, RoPE, Step, Tensor
 
 if TYPE_CHECKING:
-    from ..quant.lut import LUTConfig
+    from ..quant.lut import LUTConfig, LUTWeight
 
 
 @dataclass
@@ -170,6 +171,10 @@ class DecoderModel(nn.Module):
     ``__call__`` chains them eagerly on MLX for generation and as the reference.
 
     ``fp16_scale`` and ``lut`` record the transforms applied to the weights (``transforms.py``).
+    ``lut_weights``: the LUT tables and indices of a model loaded from a LUT checkpoint
+    (``loading/checkpoint.py``), by LUT target name; each holder carries exactly their
+    ``dequantize()``, and the export emits them as they are instead of fitting (``lut`` is then the
+    checkpoint's config).  Empty for every other model.
     """
 
     def __init__(self, args: BaseArgs, layers: list[Any]):
@@ -182,6 +187,8 @@ class DecoderModel(nn.Module):
         self.sliding_window: int | None = None
         self.fp16_scale: float | None = None
         self.lut: LUTConfig | None = None
+        # a UserDict, not a dict: an MLX Module would take a dict for a tree of parameters
+        self.lut_weights: UserDict[str, LUTWeight] = UserDict()
 
     @property
     def blocks(self) -> list[Block]:
@@ -198,6 +205,11 @@ class DecoderModel(nn.Module):
 
     def sanitize(self, weights: dict[str, mx.array]) -> dict[str, mx.array]:
         """Fix-ups of checkpoint weights at load time (a family whose norms store 1 + w folds them)."""
+        return weights
+
+    def unsanitize(self, weights: dict[str, mx.array]) -> dict[str, mx.array]:
+        """The inverse of ``sanitize``: the model's weights in the checkpoint's convention, as a LUT
+        checkpoint stores them (``sanitize`` of the result gives back the model's arrays)."""
         return weights
 
     def lut_targets(self) -> list[LUTTarget]:

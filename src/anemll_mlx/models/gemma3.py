@@ -93,3 +93,12 @@ class Model(DecoderModel):
     def sanitize(self, weights: dict[str, mx.array]) -> dict[str, mx.array]:
         """Gemma's RMSNorm multiplies by (1 + w): store 1 + w (in float32) so one ``Norm`` serves all."""
         return {k: (v.astype(mx.float32) + 1.0 if k.endswith("norm.weight") else v) for k, v in weights.items()}
+
+    def unsanitize(self, weights: dict[str, mx.array]) -> dict[str, mx.array]:
+        """Back to HF's w from the folded 1 + w, in the array's own dtype.  Exact for any gain
+        that came from ``sanitize`` (a float32 1 + w minus 1 is w again); the checkpoint writer
+        checks the round trip, bit for bit, for gains changed since."""
+        return {
+            k: ((v.astype(mx.float32) - 1.0).astype(v.dtype) if k.endswith("norm.weight") else v)
+            for k, v in weights.items()
+        }
