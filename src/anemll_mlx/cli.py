@@ -653,6 +653,117 @@ def kd_cache(
         )
 
 
+@app.command()
+def qat(
+    model: ModelArg,
+    out: Annotated[str, typer.Option("--out", help="The checkpoint folder (a model folder every command loads)")],
+    lut: Annotated[str, typer.Option(help="LUT for the decoder layers: BITS[,GROUP|0|t] or none")] = "4,4",
+    lut_lm_head: Annotated[str, typer.Option(help="LUT for the LM head (needs untied embeddings)")] = "none",
+    lut_embeddings: Annotated[str, typer.Option("--lut-embed", "--lut-embeddings", help="LUT for the embeddings (needs untied embeddings)")] = "none",
+    kd_cache_dir: Annotated[str | None, typer.Option("--kd-cache", help="A KD cache made by kd-cache [default: built with its defaults as OUT.kd-cache]")] = None,
+    steps: Annotated[int, typer.Option(help="Optimizer steps")] = 600,
+    batch_size: Annotated[int, typer.Option(help="Sequences per step")] = 4,
+    lr: Annotated[float, typer.Option(help="Peak learning rate of the tables (latent weights: x --weights-lr)")] = 1e-4,
+    weights_lr: Annotated[float, typer.Option(help="Latent weights' learning rate as a fraction of --lr")] = 0.1,
+    schedule: Annotated[str, typer.Option(help="e2e (KL to the teacher's top-k, end to end)")] = "e2e",
+    train: Annotated[str, typer.Option(help="What trains: tables, weights or tables,weights")] = "tables",
+    temperature: Annotated[float, typer.Option(help="Distillation temperature")] = 2.0,
+    hard_top1_weight: Annotated[float, typer.Option(help="Weight of the cross-entropy on the teacher's top-1")] = 0.1,
+    hard_full_weight: Annotated[float, typer.Option(help="Weight of the full-vocabulary cross-entropy")] = 5e-4,
+    precision: Annotated[str, typer.Option(help="fp32, or fp16 with dynamic loss scaling")] = "fp32",
+    save_every: Annotated[int, typer.Option(help="Write the checkpoint (and the state --resume needs) every N steps")] = 100,
+    init: Annotated[str | None, typer.Option(help="Start from this checkpoint's tables (refitted where its spec differs)")] = None,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue the training saved in --out")] = False,
+    seed: Annotated[int, typer.Option(help="Seed of the data order")] = 0,
+) -> None:
+    """Train LUT weights against the float model (knowledge distillation) and write a checkpoint."""
+    from pathlib import Path
+
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    from .loading import read_config
+    from .models import build_model
+    from .qat.kd_cache import open_kd_cache
+    from .qat.losses import LossWeights
+    from .qat.run import check_resume, run_qat
+    from .qat.train import QATSettings
+    from .quant.lut import LUTConfig
+
+    with user_errors():
+        settings = QATSettings(
+            lut=LUTConfig(
+                ffn=_lut("--lut", lut), lm_head=_lut("--lut-lm-head", lut_lm_head), embeddings=_lut("--lut-embed", lut_embeddings)
+            ),
+            steps=steps,
+            batch_size=batch_size,
+            lr=lr,
+            weights_lr=weights_lr,
+            train=tuple(t.strip() for t in train.split(",") if t.strip()),
+            schedule=schedule,
+            loss=LossWeights(temperature, hard_top1_weight, hard_full_weight),
+            precision=precision,
+            seed=seed,
+            save_every=save_every,
+        )
+        settings.check()
+        if save_every < 1:
+            raise BadArgumentError(f"--save-every must be >= 1, got {save_every}")
+        config, source = read_config(model)
+        skeleton = build_model(config)
+        for target in skeleton.lut_targets():  # a group size the weights cannot take fails now
+            spec = settings.lut[target.part]
+            if spec is not None:
+                spec.num_groups(target.holder.weight.shape[0])
+        check_resume(Path(out), resume, settings)
+        if kd_cache_dir is not None:
+            open_kd_cache(Path(kd_cache_dir))  # a missing or broken cache fails before loading
+        print(f"qat: {model} -> {out}, LUT {settings.lut}, {steps} steps of {batch_size}, lr {lr:g}, {precision}")
+        columns = (
+            TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+            TextColumn("{task.fields[info]}"), TimeElapsedColumn(), TimeRemainingColumn(),
+        )  # fmt: skip
+        with Progress(*columns, console=console) as bar:
+            kd_task = None
+            train_task = None
+
+            def kd_progress(done: int, total: int) -> None:
+                nonlocal kd_task
+                if kd_task is None:
+                    kd_task = bar.add_task("kd-cache", total=total, info="teacher samples")
+                bar.update(kd_task, completed=done)
+
+            def on_step(step, result, rate) -> None:
+                nonlocal train_task
+                if train_task is None:
+                    train_task = bar.add_task("qat", total=steps, completed=step - 1, info="")
+                scale = f" scale {trainer_scale(result)}" if precision == "fp16" else ""
+                info = (
+                    "overflow: step skipped" if result.skipped
+                    else f"loss {result.loss:.4f} KL {result.kl:.4f} lr {result.lr:.2e} {rate:.0f} tok/s"
+                )  # fmt: skip
+                bar.update(train_task, completed=step, info=info + scale)
+
+            def trainer_scale(result) -> str:
+                return "" if result.scale is None else f"{result.scale:g}"
+
+            report = run_qat(
+                model, Path(out), settings, Path(kd_cache_dir) if kd_cache_dir else None, init, resume,
+                stage=lambda line: bar.console.print(line), on_step=on_step, kd_progress=kd_progress,
+            )  # fmt: skip
+    table = Table(title=f"validation on held-out teacher samples ({report.steps} steps, {report.seconds / 60:.1f} min)")
+    table.add_column("weights")
+    table.add_column("KL", justify="right")
+    table.add_column("match", justify="right")
+    for name, row in report.validation.items():
+        table.add_row(name, f"{row['kl']:.4f}", f"{100 * row['match']:.1f}%")
+    Console().print(table)
+    if report.overflow_rate is not None:
+        print(f"fp16 overflow rate: {100 * report.overflow_rate:.2f}% of steps skipped")
+    if report.got_worse:
+        print("warning: validation KL ended worse than it started; try a lower --lr or fewer steps", file=sys.stderr)
+    print(f"checkpoint: {report.checkpoint} (loss curves: {report.checkpoint}/qat-loss.png)")
+
+
 def _probe_table(report: dict) -> Table:
     """Per-layer peaks; rows past 0.75 x fp16 max in red."""
     sites = ("residual", "attn_out", "mlp_hidden", "mlp_out", "attn_scores")

@@ -9,6 +9,7 @@ replaces an earlier checkpoint in one swap, as the trainer does every few steps.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
 
@@ -73,7 +74,12 @@ def ptq_luts(lm: LoadedModel, lut: LUTConfig, moments: InputMoments | None = Non
 
 
 def write_lut_checkpoint(
-    lm: LoadedModel, luts: dict[str, LUTWeight], lut: LUTConfig, out: Path, info: dict | None = None
+    lm: LoadedModel,
+    luts: dict[str, LUTWeight],
+    lut: LUTConfig,
+    out: Path,
+    info: dict | None = None,
+    extra: Callable[[Path], None] | None = None,
 ) -> Path:
     """Write ``lm`` with ``luts`` (by target name, one for every target ``lut`` quantizes) as a
     checkpoint folder at ``out``; returns its path.
@@ -83,7 +89,8 @@ def write_lut_checkpoint(
     ``info``: more keys for qat.json (the trainer's: steps, data, losses...); format, version and
     lut are ours.  The folder is built beside ``out`` and swapped in whole (``output.OutputFolder``):
     an earlier checkpoint there is replaced in one rename, never left half written, and a folder
-    holding files anemll-mlx did not write is refused.
+    holding files anemll-mlx did not write is refused.  ``extra`` writes more files into the folder
+    before the swap (the trainer's state for ``--resume``, its loss plot).
     """
     model = lm.model
     if model.fp16_scale is not None:
@@ -119,6 +126,8 @@ def write_lut_checkpoint(
         write_tokenizer(lm.tokenizer, lm.folder, scratch)
         (scratch / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
         (scratch / QAT_FILE).write_text(json.dumps(description, indent=2) + "\n", encoding="utf-8")
+        if extra is not None:
+            extra(scratch)
     return target.path
 
 

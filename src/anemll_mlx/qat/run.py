@@ -1,0 +1,310 @@
+"""A whole ``anemll-mlx qat`` run: teacher cache, baselines, training, checkpoints, report.
+
+The order matters for what a user can trust afterwards:
+
+1. the KD cache (given, or built with the defaults beside the checkpoint as ``CKPT.kd-cache``, where
+   a rerun or another recipe finds it again; the checkpoint folder itself stays a plain model
+   folder that is swapped whole at every save);
+2. the baselines on the held-out validation samples: plain post-training LUTs and calibrated ones
+   (``probe.calibrate``), the latter being where training starts (or ``--init``'s tables);
+3. training, with a checkpoint (plus ``train_state.safetensors`` for ``--resume``) every
+   ``save_every`` steps: a killed run loses at most that many steps and resumes bit for bit;
+4. validation after training, the final checkpoint (no training state: it is done), qat.json with
+   the recipe, hashes, loss history and validation table, and a PNG of the loss curves.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, cast
+
+import mlx.core as mx
+
+from ..errors import BadArgumentError
+from ..loading import LoadedModel, load
+from ..loading.checkpoint import QAT_FILE, read_qat_info
+from ..quant.lut import LUTConfig, LUTWeight, fit_lut
+from .checkpoint import ptq_luts, quantized_targets, write_lut_checkpoint
+from .kd_cache import KDCache, build_kd_cache, open_kd_cache
+from .train import QATSettings, StepResult, Trainer, evaluate_model
+
+STATE_FILE = "train_state.safetensors"
+PLOT_FILE = "qat-loss.png"
+VALIDATION_SAMPLES = 32
+
+Stage = Callable[[str], None]  # a line saying what starts now
+StepReport = Callable[[int, StepResult, float], None]  # (steps done, result, tokens/s)
+
+
+@dataclass
+class QATReport:
+    """What a run measured (qat.json's ``validation`` and ``history``)."""
+
+    validation: dict[str, dict[str, float]] = field(default_factory=dict)
+    history: list[list[float]] = field(default_factory=list)  # [step, loss, kl, lr]
+    steps: int = 0
+    seconds: float = 0.0
+    overflow_rate: float | None = None
+    checkpoint: Path | None = None
+
+    @property
+    def got_worse(self) -> bool:
+        """Whether training ended worse than its starting point (the calibrated fit)."""
+        start = self.validation.get("calibrated PTQ") or self.validation.get("init")
+        end = self.validation.get("QAT")
+        return bool(start and end and end["kl"] > start["kl"])
+
+
+def default_cache_dir(out: Path) -> Path:
+    return out.parent / f"{out.name}.kd-cache"
+
+
+def _settings_json(settings: QATSettings) -> dict[str, Any]:
+    data = asdict(settings)
+    data["lut"] = {part: None if spec is None else str(spec) for part, spec in settings.lut.items()}
+    data["train"] = list(settings.train)
+    return data
+
+
+def check_resume(out: Path, resume: bool, settings: QATSettings) -> dict[str, Any] | None:
+    """The saved run to continue (its qat.json), None for a fresh start; a clear error when ``out``
+    exists without ``--resume``, or holds another recipe, a finished run or no training state."""
+    if not out.exists():
+        if resume:
+            raise BadArgumentError(f"--resume: {out} does not exist (nothing to resume)")
+        return None
+    if not resume:
+        raise BadArgumentError(
+            f"{out} already exists: pass --resume to continue its training, or choose another --out"
+        )
+    try:
+        info = read_qat_info(out)
+    except Exception as e:  # CorruptModelError and friends: say it as one line
+        raise BadArgumentError(f"--resume: {out} is not a QAT checkpoint ({e})") from None
+    if info.get("complete"):
+        raise BadArgumentError(
+            f"--resume: {out} is a finished run ({info.get('step')} steps): nothing to resume"
+        )
+    if not (out / STATE_FILE).is_file():
+        raise BadArgumentError(f"--resume: {out} has no {STATE_FILE}")
+    saved = info.get("recipe")
+    wanted = _settings_json(settings)
+    if saved != wanted:
+        differ = sorted(k for k in set(saved or {}) | set(wanted) if (saved or {}).get(k) != wanted.get(k))
+        raise BadArgumentError(
+            f"--resume: {out} was trained with other settings ({', '.join(differ)} differ)"
+        )
+    return info
+
+
+def check_init(init: str, lm: LoadedModel) -> None:
+    """``--init`` must be a QAT checkpoint trained from this very model (its teacher's hash)."""
+    try:
+        teacher = read_qat_info(Path(init)).get("teacher") or {}
+    except Exception as e:
+        raise BadArgumentError(f"--init {init} is not a QAT checkpoint ({e})") from None
+    if teacher.get("sha256") != lm.content_sha256:
+        raise BadArgumentError(
+            f"--init {init} is a checkpoint of another model (trained from {teacher.get('source')}, "
+            f"not from {lm.source})"
+        )
+
+
+def starting_luts(
+    lm: LoadedModel, lut: LUTConfig, init: str | None, stage: Stage
+) -> tuple[dict[str, LUTWeight], str]:
+    """(starting LUTs, what they are): calibrated PTQ, or ``--init``'s
+    tables (refitted to ``lut`` where its spec differs: progressive 4-bit -> 2-bit)."""
+    if init is None:
+        from ..probe.calibrate import calibration_set, collect_input_moments
+
+        stage("calibration statistics (built-in prompts)")
+        moments = collect_input_moments(lm, calibration_set())
+        stage("calibrated post-training fit")
+        return ptq_luts(lm, lut, moments), "calibrated PTQ"
+    start = load(init, "float32")
+    if not start.model.lut_weights:
+        raise BadArgumentError(f"--init {init} is not a LUT checkpoint")
+    check_init(init, lm)
+    luts = {}
+    stage(f"starting from {init}'s tables (refitted where their spec differs)")
+    for target in quantized_targets(lm.model, lut):
+        spec = lut[target.part]
+        assert spec is not None
+        have = start.model.lut_weights.get(target.name)
+        if have is not None and have.spec == spec:
+            luts[target.name] = have
+        else:  # refit the init's own (dequantized) weights: its tables' values carry what it learned
+            source = dict(start.model.named_modules())[target.name].weight
+            luts[target.name] = fit_lut(source, spec)
+    return luts, "init"
+
+
+def run_qat(
+    model: str,
+    out: Path,
+    settings: QATSettings,
+    kd_dir: Path | None = None,
+    init: str | None = None,
+    resume: bool = False,
+    stage: Stage = lambda line: None,
+    on_step: StepReport | None = None,
+    baselines: bool = True,
+    kd_progress: Callable[[int, int], None] | None = None,
+) -> QATReport:
+    """Train ``model``'s LUT weights as ``settings`` say and write the checkpoint ``out``."""
+    settings.check()
+    out = Path(out)
+    saved = check_resume(out, resume, settings)
+    lm = load(model, "float32")
+    quantized_targets(lm.model, settings.lut)  # a tied head or embeddings under a LUT: refused now
+    if lm.model.lut_weights:
+        raise BadArgumentError(
+            f"{model} is a LUT checkpoint: train from its source model, with --init {model}"
+        )
+    if init is not None and saved is None:
+        check_init(init, lm)
+    kd = _kd_cache(lm, out, kd_dir, stage, kd_progress)
+    validation = kd.validation(min(VALIDATION_SAMPLES, kd.held_out))
+    report = QATReport()
+    started = time.perf_counter()
+
+    if saved is None:
+        if baselines:
+            stage("plain post-training fit")
+            plain = ptq_luts(lm, settings.lut)
+            report.validation["plain PTQ"] = _validate(lm, plain, validation)
+        luts, label = starting_luts(lm, settings.lut, init, stage)
+        report.validation[label] = _validate(lm, luts, validation)
+    else:
+        report.validation = saved["validation"]
+        report.history = saved["history"]
+        luts = ptq_luts(load(out, "float32"), settings.lut)  # shapes only: the state replaces them
+
+    trainer = Trainer(lm.model, luts, settings)
+    if saved is not None:
+        trainer.load_state(
+            cast(dict[str, mx.array], mx.load(str(out / STATE_FILE))),
+            int(saved["step"]),
+            saved.get("loss_scale"),
+        )
+        stage(f"resuming at step {trainer.step} of {settings.steps}")
+    batches = kd.batches(settings.batch_size, settings.seed, start=trainer.step)
+    info = {
+        "recipe": _settings_json(settings),
+        "teacher": {"source": lm.source, "sha256": lm.content_sha256},
+        "kd_cache": {"path": str(kd.path), "data": kd.manifest["data"], "samples": kd.samples},
+        "init": init,
+    }
+    stage(f"training {len(trainer.targets)} LUT weights for {settings.steps} steps")
+    while trainer.step < settings.steps:
+        t0 = time.perf_counter()
+        result = trainer.train_step(next(batches))
+        rate = result.tokens / max(1e-9, time.perf_counter() - t0)
+        report.history.append([trainer.step, result.loss, result.kl, result.lr])
+        if on_step is not None:
+            on_step(trainer.step, result, rate)
+        if trainer.step % settings.save_every == 0 and trainer.step < settings.steps:
+            _save(lm, trainer, out, info, report, complete=False)
+
+    stage("validation after training")
+    with trainer.source_weights():
+        report.validation["QAT"] = _validate(lm, trainer.luts(), validation)
+    report.steps = trainer.step
+    report.seconds = time.perf_counter() - started
+    report.overflow_rate = trainer.scaler.overflow_rate if trainer.scaler else None
+    report.checkpoint = _save(lm, trainer, out, info, report, complete=True)
+    return report
+
+
+def _kd_cache(
+    lm: LoadedModel, out: Path, kd_dir: Path | None, stage: Stage, progress: Callable[[int, int], None] | None
+) -> KDCache:
+    if kd_dir is not None:
+        kd = open_kd_cache(kd_dir)
+        kd.check_teacher(lm)
+        return kd
+    path = default_cache_dir(out)
+    stage(f"KD cache {path} (the teacher's top-k logits; reused by reruns)")
+    return build_kd_cache(lm, path, progress=progress)
+
+
+def _validate(lm: LoadedModel, luts: dict[str, LUTWeight], batch: Any) -> dict[str, float]:
+    """KL and match of ``lm`` with ``luts`` in place, against the teacher on ``batch``."""
+    model = lm.model
+    holders = {t.name: t.holder for t in model.lut_targets() if t.name in luts}
+    saved = {name: holder.weight for name, holder in holders.items()}
+    try:
+        for name, holder in holders.items():
+            holder.weight = mx.array(luts[name].dequantize()).astype(holder.weight.dtype)
+        kl, match = evaluate_model(model, batch)
+    finally:
+        for name, holder in holders.items():
+            holder.weight = saved[name]
+    return {"kl": kl, "match": match}
+
+
+def _save(
+    lm: LoadedModel, trainer: Trainer, out: Path, info: dict, report: QATReport, complete: bool
+) -> Path:
+    """The checkpoint as it stands, swapped in whole; with the training state unless complete."""
+    luts = trainer.luts()
+    details = dict(info)
+    details.update(
+        step=trainer.step,
+        complete=complete,
+        validation=report.validation,
+        history=report.history,
+        loss_scale=trainer.scaler.state() if trainer.scaler else None,
+        overflow_rate=report.overflow_rate,
+        seconds=round(report.seconds, 1),
+    )
+
+    def extra(folder: Path) -> None:
+        if complete:
+            _plot(report, folder / PLOT_FILE)
+        else:
+            mx.save_safetensors(str(folder / STATE_FILE), trainer.state())
+
+    with trainer.source_weights():
+        return write_lut_checkpoint(lm, luts, trainer.settings.lut, out, details, extra)
+
+
+def _plot(report: QATReport, path: Path) -> None:
+    """Loss and soft-KL per step, with the validation KL before and after as horizontal lines."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    steps = [row[0] for row in report.history if row[1] == row[1]]  # skipped steps are NaN
+    fig, ax = plt.subplots(figsize=(9, 5), dpi=110)
+    try:
+        ax.plot(
+            steps, [row[1] for row in report.history if row[1] == row[1]], label="training loss", linewidth=1
+        )
+        ax.plot(
+            steps,
+            [row[2] for row in report.history if row[2] == row[2]],
+            label="soft KL (T^2-scaled)",
+            linewidth=1,
+        )
+        for (name, row), style in zip(report.validation.items(), (":", "--", "-.", "-")):
+            ax.axhline(
+                row["kl"], linestyle=style, color="gray", label=f"validation KL, {name}: {row['kl']:.3f}"
+            )
+        ax.set_xlabel("step")
+        ax.set_ylabel("loss / KL")
+        ax.set_yscale("log")
+        ax.legend()
+        ax.grid(alpha=0.3)
+        fig.tight_layout()
+        fig.savefig(path)
+    finally:
+        plt.close(fig)
+
+
+__all__ = ["run_qat", "QATReport", "default_cache_dir", "check_resume", "QAT_FILE"]
