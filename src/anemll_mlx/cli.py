@@ -661,7 +661,7 @@ def qat(
     lut_lm_head: Annotated[str, typer.Option(help="LUT for the LM head (needs untied embeddings)")] = "none",
     lut_embeddings: Annotated[str, typer.Option("--lut-embed", "--lut-embeddings", help="LUT for the embeddings (needs untied embeddings)")] = "none",
     kd_cache_dir: Annotated[str | None, typer.Option("--kd-cache", help="A KD cache made by kd-cache [default: built with its defaults as OUT.kd-cache]")] = None,
-    steps: Annotated[int, typer.Option(help="Optimizer steps")] = 600,
+    steps: Annotated[int, typer.Option(help="Optimizer steps")] = 150,
     batch_size: Annotated[int, typer.Option(help="Sequences per step")] = 4,
     lr: Annotated[float, typer.Option(help="Peak learning rate of the tables (latent weights: x --weights-lr)")] = 1e-4,
     weights_lr: Annotated[float, typer.Option(help="Latent weights' learning rate as a fraction of --lr")] = 0.1,

@@ -48,7 +48,7 @@ class QATSettings:
     """Everything that decides a training run (recorded in qat.json)."""
 
     lut: LUTConfig
-    steps: int = 600
+    steps: int = 150
     batch_size: int = 4
     lr: float = 1e-4
     weights_lr: float = 0.1  # latent weights train at lr * weights_lr

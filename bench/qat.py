@@ -1,0 +1,168 @@
+"""QAT on SmolLM2-135M: training speed, and drift of 4-bit weights against mlx-lm's 4-bit, one run.
+
+Drift is measured as ``compare`` measures it, on the same 16 default prompts: the float32 model's
+greedy answer (up to 32 tokens, to the end of turn) is the reference text, and every candidate is
+teacher-forced along it; KL(reference || candidate) over the whole vocabulary and top-1 match per
+position.  All candidates run in MLX (a LUT model in MLX gives the export's logits: the export
+emits the same tables and indices, ``tests/test_qat_checkpoint.py``):
+
+- ours, FFN LUT 4,4: plain post-training fit, calibrated fit, and the QAT checkpoint;
+- mlx-lm's affine 4-bit quantization (``mlx.nn.quantize``, group 64, as ``mlx_lm convert -q``) of
+  the same projections (decoder layers only, like our FFN part), on mlx-lm's own model class
+  holding the same weights.  mlx-lm's DWQ is not run: it trains for hours on a GPU-sized budget.
+
+Speed: a short ``qat`` run (``--bench-steps``) reports seconds per step and tokens per second.
+
+Run: .venv/bin/python bench/qat.py [--checkpoint CKPT] [--bench-steps 6]
+  --checkpoint: a QAT checkpoint of SmolLM2 (``anemll-mlx qat GGUF --out CKPT``); without it the QAT
+  row is left out (a full run takes most of an hour here).
+"""
+
+from __future__ import annotations
+
+import anemll_mlx  # noqa: F401  (first, before mlx.core: the fast BLAS goes under MLX, see blas.py)
+
+# isort: split
+import argparse
+import json
+import tempfile
+import time
+from pathlib import Path
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+
+from anemll_mlx.eval.compare import greedy_trajectory
+from anemll_mlx.eval.metrics import argmax_match, kl_divergence
+from anemll_mlx.eval.prompts import default_prompts
+from anemll_mlx.loading import load
+from anemll_mlx.probe.calibrate import calibration_set, collect_input_moments
+from anemll_mlx.qat.checkpoint import ptq_luts
+from anemll_mlx.qat.kd_cache import build_kd_cache
+from anemll_mlx.qat.run import run_qat
+from anemll_mlx.qat.train import QATSettings, forward
+from anemll_mlx.quant.lut import LUTConfig, LUTSpec
+from anemll_mlx.runtime.drivers import MLXDriver
+from common import mlx_lm_peer, smollm2_gguf
+
+STEPS = 32
+LUT44 = LUTConfig(ffn=LUTSpec(4, 4))
+
+
+def references(lm) -> list[tuple[list[int], int]]:
+    """(prompt + reference answer ids, prompt length) for each default prompt."""
+    driver = MLXDriver(lm, "mlx fp32")
+    stops = set(lm.tokenizer.eos_token_ids)
+    out = []
+    for prompt in default_prompts():
+        ids = lm.tokenizer.encode_prompt(prompt, True)
+        driver.reset()
+        answer = greedy_trajectory(driver, ids, STEPS, stops).tokens
+        out.append((ids + answer[:-1], len(ids)))
+    return out
+
+
+def drift(logits_of, refs, reference_logits) -> tuple[float, float]:
+    kls, matches = [], []
+    for (ids, start), ref in zip(refs, reference_logits):
+        cand = logits_of(ids)[start - 1 :]
+        kls.append(kl_divergence(ref, cand))
+        matches.append(argmax_match(ref, cand))
+    return float(np.mean(np.concatenate(kls))), float(np.mean(np.concatenate(matches)))
+
+
+def ours(model):
+    return lambda ids: np.array(forward(model, mx.array(ids)[None])[0].astype(mx.float32))
+
+
+def with_luts(lm, luts):
+    """The model with ``luts`` in place of its weights (dequantized: what the export computes)."""
+    for target in lm.model.lut_targets():
+        if target.name in luts:
+            target.holder.weight = mx.array(luts[target.name].dequantize()).astype(mx.float32)
+    mx.eval(lm.model.parameters())
+    return lm
+
+
+def mlx_lm_4bit(lm):
+    peer = mlx_lm_peer(lm)
+    nn.quantize(
+        peer,
+        group_size=64,
+        bits=4,
+        class_predicate=lambda path, m: isinstance(m, nn.Linear) and ".layers." in f".{path}",
+    )
+    mx.eval(peer.parameters())
+    return lambda ids: np.array(peer(mx.array(ids)[None])[0].astype(mx.float32))
+
+
+def training_speed(gguf: Path, steps: int) -> dict:
+    with tempfile.TemporaryDirectory() as tmp:
+        lm = load(gguf, "float32")
+        kd = build_kd_cache(lm, Path(tmp) / "kd", samples=64, max_length=128)
+        times: list[float] = []
+        tokens: list[int] = []
+        last = [time.perf_counter()]
+
+        def on_step(step, result, rate) -> None:
+            now = time.perf_counter()
+            times.append(now - last[0])
+            tokens.append(result.tokens)
+            last[0] = now
+
+        settings = QATSettings(LUT44, steps=steps, save_every=steps + 1)
+        run_qat(str(gguf), Path(tmp) / "ck", settings, kd.path, on_step=on_step, baselines=False)
+    steady = times[1:] or times  # the first step compiles and allocates
+    return {
+        "seconds_per_step": float(np.median(steady)),
+        "tokens_per_s": float(np.sum(tokens[1:] or tokens) / np.sum(steady)),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--checkpoint", type=Path)
+    parser.add_argument("--bench-steps", type=int, default=6)
+    opts = parser.parse_args()
+    gguf = smollm2_gguf()
+
+    speed = training_speed(gguf, opts.bench_steps)
+    print(
+        f"qat step (batch 4 x 128 tokens, fp32, tables): {speed['seconds_per_step']:.1f} s, {speed['tokens_per_s']:.0f} tokens/s"
+    )
+
+    lm = load(gguf, "float32")
+    refs = references(lm)
+    reference_logits = [ours(lm.model)(ids)[start - 1 :] for ids, start in refs]
+    rows = {}
+    rows["mlx-lm affine 4-bit g64"] = drift(mlx_lm_4bit(lm), refs, reference_logits)
+    plain = ptq_luts(lm, LUT44)
+    moments = collect_input_moments(lm, calibration_set())
+    calibrated = ptq_luts(lm, LUT44, moments)
+    rows["ours LUT 4,4 plain PTQ"] = drift(
+        ours(with_luts(load(gguf, "float32"), plain).model), refs, reference_logits
+    )
+    rows["ours LUT 4,4 calibrated PTQ"] = drift(
+        ours(with_luts(load(gguf, "float32"), calibrated).model), refs, reference_logits
+    )
+    if opts.checkpoint:
+        rows[f"ours LUT 4,4 QAT ({opts.checkpoint.name})"] = drift(
+            ours(load(opts.checkpoint, "float32").model), refs, reference_logits
+        )
+    positions = sum(len(r) for r in reference_logits)
+    print(
+        f"\ndrift vs mlx fp32, {len(refs)} prompts, {positions} teacher-forced positions (decoder-layer weights at 4 bits)"
+    )
+    print(f"{'weights':44s} {'KL':>8s} {'match':>7s}")
+    for name, (kl, match) in rows.items():
+        print(f"{name:44s} {kl:8.4f} {100 * match:6.1f}%")
+    base = rows["mlx-lm affine 4-bit g64"][0]
+    for name, (kl, _) in rows.items():
+        if name.startswith("ours"):
+            print(f"{name}: KL {kl / base:.2f}x mlx-lm 4-bit's")
+    print(json.dumps({"speed": speed, "drift": rows}))
+
+
+if __name__ == "__main__":
+    main()
