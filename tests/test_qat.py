@@ -279,3 +279,30 @@ def test_cli_refuses_a_kd_cache_or_init_of_another_model(
         _cli("qat", llama, "--out", tmp_path / "b", "--kd-cache", kd.path, "--init", ck), "another model"
     )
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+def test_cli_interrupted_keeps_the_last_checkpoint_and_says_how_to_resume(
+    llama: Path, kd: KDCache, tmp_path: Path, monkeypatch
+) -> None:
+    import signal
+
+    from anemll_mlx import interrupts
+    from anemll_mlx.qat import train
+
+    real_step = train.Trainer.train_step
+
+    def step_then_sigint(self, batch):
+        if self.step == 3:
+            raise interrupts.Interrupted(signal.SIGINT)
+        return real_step(self, batch)
+
+    monkeypatch.setattr(train.Trainer, "train_step", step_then_sigint)
+    out = tmp_path / "ck"
+    flags = ["--kd-cache", kd.path, "--steps", "6", "--save-every", "2"]
+    result = _cli("qat", llama, "--out", out, *flags)
+    assert result.exit_code == 130, result.stdout + result.stderr
+    assert "the checkpoint of step 2 is kept" in result.stderr and "--resume" in result.stderr
+    monkeypatch.setattr(train.Trainer, "train_step", real_step)
+    result = _cli("qat", llama, "--out", out, *flags, "--resume")
+    assert result.exit_code == 0, result.stdout + result.stderr
+    assert json.loads((out / "qat.json").read_text())["step"] == 6

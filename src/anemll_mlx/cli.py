@@ -746,10 +746,19 @@ def qat(
             def trainer_scale(result) -> str:
                 return "" if result.scale is None else f"{result.scale:g}"
 
-            report = run_qat(
-                model, Path(out), settings, Path(kd_cache_dir) if kd_cache_dir else None, init, resume,
-                stage=lambda line: bar.console.print(line), on_step=on_step, kd_progress=kd_progress,
-            )  # fmt: skip
+            try:
+                report = run_qat(
+                    model, Path(out), settings, Path(kd_cache_dir) if kd_cache_dir else None, init, resume,
+                    stage=lambda line: bar.console.print(line), on_step=on_step, kd_progress=kd_progress,
+                )  # fmt: skip
+            except interrupts.Interrupted as e:  # what was saved stays: say so, and how to go on
+                saved = _saved_step(Path(out))
+                if saved is None:
+                    raise
+                interrupts.clear()
+                bar.stop()
+                print(f"error: {e.message}; the checkpoint of step {saved} is kept in {out}: rerun with --resume to continue", file=sys.stderr)
+                raise typer.Exit(e.exit_code) from None
     table = Table(title=f"validation on held-out teacher samples ({report.steps} steps, {report.seconds / 60:.1f} min)")
     table.add_column("weights")
     table.add_column("KL", justify="right")
@@ -762,6 +771,15 @@ def qat(
     if report.got_worse:
         print("warning: validation KL ended worse than it started; try a lower --lr or fewer steps", file=sys.stderr)
     print(f"checkpoint: {report.checkpoint} (loss curves: {report.checkpoint}/qat-loss.png)")
+
+
+def _saved_step(out) -> int | None:
+    """The step of an unfinished QAT checkpoint in ``out``, None when there is none."""
+    try:
+        info = json.loads((out / "qat.json").read_text())
+    except (OSError, ValueError):
+        return None
+    return None if info.get("complete") else info.get("step")
 
 
 def _probe_table(report: dict) -> Table:
