@@ -167,6 +167,27 @@ def test_resume_after_an_interrupted_run_gives_the_same_weights(
     assert [row[0] for row in history_b] == list(range(1, 13)) and history_a[-1] == history_b[-1]
 
 
+def test_layer_by_layer_adds_each_layers_error_for_its_part_of_the_schedule(llama: Path, kd: KDCache) -> None:
+    from anemll_mlx.qat.train import forward, layer_loss
+
+    lm = load(llama, "float32")
+    luts = ptq_luts(lm, LUT44)
+    batch = next(kd.batches(4, 0))
+    outputs: list[mx.array] = []
+    forward(lm.model, batch.tokens, layer_outputs=outputs)
+    assert len(outputs) == len(lm.model.blocks) and float(layer_loss(outputs, outputs, batch.mask)) == 0.0
+    e2e = Trainer(lm.model, luts, _settings(steps=4))
+    plain = float(e2e._loss(e2e._trainable(), batch, 1.0)[1][0])
+    both = Trainer(lm.model, luts, _settings(steps=4, schedule="lbl+e2e"))
+    with_layers = float(both._loss(both._trainable(), batch, 1.0)[1][0])
+    assert with_layers > plain  # the quantized layers' outputs differ from the teacher's
+    phases = []
+    for _ in range(4):
+        phases.append(both.layer_by_layer())
+        both.train_step(batch)
+    assert phases == [True, True, False, False]
+
+
 def test_loss_scaling_skips_an_overflowing_step_and_recovers(llama: Path, kd: KDCache) -> None:
     lm = load(llama, "float32")
     trainer = Trainer(lm.model, ptq_luts(lm, LUT44), _settings(precision="fp16"))
@@ -252,7 +273,7 @@ def test_cli_trains_and_reports(llama: Path, kd: KDCache, tmp_path: Path) -> Non
         (["--steps", "0"], "--steps"),
         (["--train", "scales"], "--train"),
         (["--precision", "bf16"], "--precision"),
-        (["--schedule", "lbl"], "--schedule"),
+        (["--schedule", "layerwise"], "--schedule"),
         (["--lut", "none"], "at least one part"),
         (["--resume"], "nothing to resume"),
     ],

@@ -665,7 +665,7 @@ def qat(
     batch_size: Annotated[int, typer.Option(help="Sequences per step")] = 4,
     lr: Annotated[float, typer.Option(help="Peak learning rate of the tables (latent weights: x --weights-lr)")] = 1e-4,
     weights_lr: Annotated[float, typer.Option(help="Latent weights' learning rate as a fraction of --lr")] = 0.1,
-    schedule: Annotated[str, typer.Option(help="e2e (KL to the teacher's top-k, end to end)")] = "e2e",
+    schedule: Annotated[str, typer.Option(help="e2e (KL to the teacher's top-k, end to end), lbl (plus each layer's output against the teacher's), lbl+e2e (lbl for the first half of the steps)")] = "e2e",
     train: Annotated[str, typer.Option(help="What trains: tables, weights or tables,weights")] = "tables",
     temperature: Annotated[float, typer.Option(help="Distillation temperature")] = 2.0,
     hard_top1_weight: Annotated[float, typer.Option(help="Weight of the cross-entropy on the teacher's top-1")] = 0.1,

@@ -40,7 +40,7 @@ from .losses import LossWeights, drift, kd_loss
 
 TRAINABLE = ("tables", "weights")
 PRECISIONS = ("fp32", "fp16")
-SCHEDULES = ("e2e",)
+SCHEDULES = ("e2e", "lbl", "lbl+e2e")
 
 
 @dataclass
@@ -54,6 +54,7 @@ class QATSettings:
     weights_lr: float = 0.1  # latent weights train at lr * weights_lr
     train: tuple[str, ...] = ("tables",)
     schedule: str = "e2e"
+    layer_weight: float = 1.0  # the layer-by-layer term's weight (schedules lbl, lbl+e2e)
     loss: LossWeights = field(default_factory=LossWeights)
     precision: str = "fp32"
     seed: int = 0
@@ -151,13 +152,35 @@ class _NoCache:
         return k, v
 
 
-def forward(model: DecoderModel, tokens: mx.array, ops: MLXOps | None = None) -> mx.array:
-    """Logits (B, T, vocab) of whole sequences ``tokens`` (B, T) from position 0, no cache."""
+def forward(
+    model: DecoderModel, tokens: mx.array, ops: MLXOps | None = None, layer_outputs: list[mx.array] | None = None
+) -> mx.array:
+    """Logits (B, T, vocab) of whole sequences ``tokens`` (B, T) from position 0, no cache.
+
+    ``layer_outputs``: a list that receives every decoder layer's output (the layer-by-layer loss).
+    """
     ops = ops or MLXOps()
     step = model.mlx_step(0, tokens.shape[1], _NoCache())  # type: ignore[arg-type]
     h = model.embed(ops, tokens)
-    h = model.forward_layers(ops, h, step)
+    if layer_outputs is None:
+        h = model.forward_layers(ops, h, step)
+    else:
+        for i in range(len(model.blocks)):
+            h = model.forward_layers(ops, h, step, range(i, i + 1))
+            layer_outputs.append(h)
     return model.logits(ops, model.final_norm(ops, h))[0]
+
+
+def layer_loss(student: list[mx.array], teacher: list[mx.array], mask: mx.array) -> mx.array:
+    """Mean over layers of each layer output's squared error relative to the teacher's energy
+    (residual streams grow along the depth: relative errors weigh the layers alike)."""
+    weights = mask[..., None]
+    terms = [
+        ((s.astype(mx.float32) - t.astype(mx.float32)) ** 2 * weights).sum()
+        / mx.maximum((t.astype(mx.float32) ** 2 * weights).sum(), 1e-12)
+        for s, t in zip(student, teacher)
+    ]
+    return mx.stack(terms).mean()
 
 
 @dataclass
@@ -247,11 +270,25 @@ class Trainer:
         keys = [k for k, on in (("tables", self.train_tables), ("latent", self.train_weights)) if on]
         return {name: {k: p[k] for k in keys} for name, p in self.params.items()}
 
+    def layer_by_layer(self) -> bool:
+        """Whether this step adds the layer-by-layer term: always with ``lbl``, for the first
+        half of the steps with ``lbl+e2e``."""
+        schedule = self.settings.schedule
+        return schedule == "lbl" or (schedule == "lbl+e2e" and self.step < self.settings.steps // 2)
+
     def _loss(self, trainable: dict, batch: Any, scale: float) -> tuple[mx.array, tuple[mx.array, mx.array]]:
         params = self._merged(trainable)
+        teacher: list[mx.array] | None = None
+        student: list[mx.array] | None = None
+        if self.layer_by_layer():  # the teacher's layer outputs: the model with its own weights
+            teacher, student = [], []
+            forward(self.model, batch.tokens, layer_outputs=teacher)
+            teacher = [mx.stop_gradient(h) for h in teacher]
         with self._weights(params):
-            logits = forward(self.model, batch.tokens)
+            logits = forward(self.model, batch.tokens, layer_outputs=student)
         loss, soft = kd_loss(logits, batch.topk_ids, batch.topk_logits, batch.mask, self.settings.loss)
+        if teacher is not None and student is not None:
+            loss = loss + self.settings.layer_weight * layer_loss(student, teacher, batch.mask)
         return loss * scale, (loss, soft)
 
     # --- one step
