@@ -327,3 +327,14 @@ def test_cli_interrupted_keeps_the_last_checkpoint_and_says_how_to_resume(
     result = _cli("qat", llama, "--out", out, *flags, "--resume")
     assert result.exit_code == 0, result.stdout + result.stderr
     assert json.loads((out / "qat.json").read_text())["step"] == 6
+
+
+def test_cli_builds_its_kd_cache_beside_the_checkpoint(llama: Path, tmp_path: Path) -> None:
+    out = tmp_path / "ck"
+    result = _cli("qat", llama, "--out", out, "--steps", "2")
+    assert result.exit_code == 0, result.stdout + result.stderr
+    cache = tmp_path / "ck.kd-cache"
+    manifest = json.loads((cache / "manifest.json").read_text())
+    assert manifest["complete"] and manifest["samples"] == 1024 and manifest["top_k"] == 64
+    assert json.loads((out / "qat.json").read_text())["kd_cache"]["path"] == str(cache)
+    assert not (out / "kd-cache").exists()  # the checkpoint stays a plain model folder
