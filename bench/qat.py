@@ -41,7 +41,7 @@ from anemll_mlx.probe.calibrate import calibration_set, collect_input_moments
 from anemll_mlx.qat.checkpoint import ptq_luts
 from anemll_mlx.qat.kd_cache import build_kd_cache
 from anemll_mlx.qat.run import run_qat
-from anemll_mlx.qat.train import QATSettings, forward
+from anemll_mlx.qat.train import QATSettings, forward, luts_in_place
 from anemll_mlx.quant.lut import LUTConfig, LUTSpec
 from anemll_mlx.runtime.drivers import MLXDriver
 from common import mlx_lm_peer, smollm2_gguf
@@ -74,15 +74,6 @@ def drift(logits_of, refs, reference_logits) -> tuple[float, float]:
 
 def ours(model):
     return lambda ids: np.array(forward(model, mx.array(ids)[None])[0].astype(mx.float32))
-
-
-def with_luts(lm, luts):
-    """The model with ``luts`` in place of its weights (dequantized: what the export computes)."""
-    for target in lm.model.lut_targets():
-        if target.name in luts:
-            target.holder.weight = mx.array(luts[target.name].dequantize()).astype(mx.float32)
-    mx.eval(lm.model.parameters())
-    return lm
 
 
 def mlx_lm_4bit(lm):
@@ -140,12 +131,9 @@ def main() -> None:
     plain = ptq_luts(lm, LUT44)
     moments = collect_input_moments(lm, calibration_set())
     calibrated = ptq_luts(lm, LUT44, moments)
-    rows["ours LUT 4,4 plain PTQ"] = drift(
-        ours(with_luts(load(gguf, "float32"), plain).model), refs, reference_logits
-    )
-    rows["ours LUT 4,4 calibrated PTQ"] = drift(
-        ours(with_luts(load(gguf, "float32"), calibrated).model), refs, reference_logits
-    )
+    for name, luts in (("plain", plain), ("calibrated", calibrated)):
+        with luts_in_place(lm.model, luts) as model:
+            rows[f"ours LUT 4,4 {name} PTQ"] = drift(ours(model), refs, reference_logits)
     if opts.checkpoint:
         rows[f"ours LUT 4,4 QAT ({opts.checkpoint.name})"] = drift(
             ours(load(opts.checkpoint, "float32").model), refs, reference_logits

@@ -11,14 +11,14 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 import pytest
-from typer.testing import CliRunner
 
-from anemll_mlx.cli import app
 from anemll_mlx.errors import BadArgumentError
 from anemll_mlx.loading import LoadedModel, load
 from anemll_mlx.probe.calibrate import CalibrationSample, read_samples
 from anemll_mlx.qat import kd_cache
 from anemll_mlx.qat.kd_cache import BUILT_IN, FORMAT, KDCache, build_kd_cache, open_kd_cache
+from cli_runner import assert_one_error as _one_error
+from cli_runner import run_cli as _cli
 
 L, K = 24, 8  # tiny samples: every test builds in well under a second
 
@@ -245,14 +245,6 @@ def test_open_refuses_what_is_not_a_whole_cache(built: KDCache, tmp_path: Path) 
 # --- the command
 
 
-def _cli(*args: str):
-    return CliRunner().invoke(app, list(args), env={"COLUMNS": "250"})
-
-
-def _one_error(result, message: str) -> None:
-    assert result.exit_code == 2, result.stdout + result.stderr
-    lines = [line for line in result.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], lines
 
 
 def test_cli_builds_then_finds_it_complete(llama: Path, tmp_path: Path) -> None:

@@ -9,9 +9,7 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 import pytest
-from typer.testing import CliRunner
 
-from anemll_mlx.cli import app
 from anemll_mlx.loading import load
 from anemll_mlx.qat.checkpoint import ptq_luts
 from anemll_mlx.qat.fake_quant import TrainableLUT, nearest_indices
@@ -20,6 +18,8 @@ from anemll_mlx.qat.losses import LossWeights, drift, kd_loss
 from anemll_mlx.qat.run import STATE_FILE, run_qat
 from anemll_mlx.qat.train import LossScale, QATSettings, Trainer
 from anemll_mlx.quant.lut import LUTConfig, LUTSpec, fit_lut
+from cli_runner import assert_one_error as _one_error
+from cli_runner import run_cli as _cli
 
 L, K = 24, 64
 LUT44 = LUTConfig(ffn=LUTSpec(4, 4))
@@ -40,12 +40,16 @@ def kd(llama: Path, tmp_path_factory: pytest.TempPathFactory) -> KDCache:
 # --- the pieces
 
 
+def _fitted(rng: np.random.Generator, shape: tuple[int, int], spec: LUTSpec):
+    """A random weight, its LUT fit, and the trainable version starting from that fit."""
+    w = (rng.normal(size=shape) * 0.05).astype(np.float32)
+    lw = fit_lut(w, spec)
+    trainable = TrainableLUT("w", spec, shape)
+    return lw, trainable, trainable.params(lw, w)
+
+
 def test_nearest_indices_are_the_fits_and_the_weight_is_what_core_ml_builds() -> None:
-    rng = np.random.default_rng(0)
-    w = (rng.normal(size=(32, 48)) * 0.05).astype(np.float32)
-    lw = fit_lut(w, LUTSpec(4, 4))
-    trainable = TrainableLUT("w", LUTSpec(4, 4), (32, 48))
-    params = trainable.params(lw, w)
+    lw, trainable, params = _fitted(np.random.default_rng(0), (32, 48), LUTSpec(4, 4))
     assert np.array_equal(
         np.array(nearest_indices(params["latent"], params["tables"])).reshape(32, 48), lw.indices
     )
@@ -56,10 +60,7 @@ def test_nearest_indices_are_the_fits_and_the_weight_is_what_core_ml_builds() ->
 
 def test_table_gradient_is_the_scatter_sum_and_latent_gets_the_straight_through_gradient() -> None:
     rng = np.random.default_rng(1)
-    w = (rng.normal(size=(8, 12)) * 0.05).astype(np.float32)
-    lw = fit_lut(w, LUTSpec(2, 4))
-    trainable = TrainableLUT("w", LUTSpec(2, 4), (8, 12))
-    params = trainable.params(lw, w)
+    lw, trainable, params = _fitted(rng, (8, 12), LUTSpec(2, 4))
     x = mx.array(rng.normal(size=(5, 12)).astype(np.float32))
     target = mx.array(rng.normal(size=(5, 8)).astype(np.float32))
 
@@ -234,14 +235,6 @@ def test_fp16_training_lands_close_to_fp32(llama: Path, kd: KDCache, tmp_path: P
 # --- the command
 
 
-def _cli(*args: str | Path):
-    return CliRunner().invoke(app, [str(a) for a in args], env={"COLUMNS": "200"})
-
-
-def _one_error(result, message: str) -> None:
-    assert result.exit_code == 2, result.stdout + result.stderr
-    lines = [line for line in result.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], lines
 
 
 def test_cli_trains_and_reports(llama: Path, kd: KDCache, tmp_path: Path) -> None:

@@ -16,7 +16,6 @@ import numpy as np
 import pytest
 import yaml
 from mlx.utils import tree_flatten
-from typer.testing import CliRunner
 
 from anemll_mlx import format as fmt
 from anemll_mlx.errors import BadArgumentError, CorruptModelError
@@ -29,19 +28,13 @@ from anemll_mlx.models import build_model
 from anemll_mlx.qat.checkpoint import ptq_luts, write_lut_checkpoint
 from anemll_mlx.quant.lut import LUTConfig, LUTSpec, LUTWeight, fit_lut
 from anemll_mlx.runtime.drivers import open_driver
+from cli_runner import error_lines as _error_lines
+from cli_runner import run_cli as _cli
 
 CONTEXT = 64
 LUT = LUTConfig(ffn=LUTSpec(4, 4), lm_head=LUTSpec(6, 8))
 
 
-def _cli(*args: str):
-    from anemll_mlx.cli import app
-
-    return CliRunner().invoke(app, [str(a) for a in args], env={"COLUMNS": "250"})
-
-
-def _error_lines(result) -> list[str]:
-    return [line for line in result.stderr.splitlines() if line.strip()]
 
 
 def _params(model) -> dict[str, np.ndarray]:

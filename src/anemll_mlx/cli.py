@@ -706,8 +706,6 @@ def qat(
             save_every=save_every,
         )
         settings.check()
-        if save_every < 1:
-            raise BadArgumentError(f"--save-every must be >= 1, got {save_every}")
         config, source = read_config(model)
         skeleton = build_model(config)
         for target in skeleton.lut_targets():  # a group size the weights cannot take fails now
@@ -736,15 +734,12 @@ def qat(
                 nonlocal train_task
                 if train_task is None:
                     train_task = bar.add_task("qat", total=steps, completed=step - 1, info="")
-                scale = f" scale {trainer_scale(result)}" if precision == "fp16" else ""
+                scale = "" if result.scale is None else f" scale {result.scale:g}"
                 info = (
                     "overflow: step skipped" if result.skipped
                     else f"loss {result.loss:.4f} KL {result.kl:.4f} lr {result.lr:.2e} {rate:.0f} tok/s"
                 )  # fmt: skip
                 bar.update(train_task, completed=step, info=info + scale)
-
-            def trainer_scale(result) -> str:
-                return "" if result.scale is None else f"{result.scale:g}"
 
             try:
                 report = run_qat(

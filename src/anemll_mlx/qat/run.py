@@ -29,7 +29,7 @@ from ..loading.checkpoint import QAT_FILE, read_qat_info
 from ..quant.lut import LUTConfig, LUTWeight, fit_lut
 from .checkpoint import ptq_luts, quantized_targets, write_lut_checkpoint
 from .kd_cache import KDCache, build_kd_cache, open_kd_cache
-from .train import QATSettings, StepResult, Trainer, evaluate_model
+from .train import QATSettings, StepResult, Trainer, evaluate_model, luts_in_place
 
 STATE_FILE = "train_state.safetensors"
 PLOT_FILE = "qat-loss.png"
@@ -125,10 +125,10 @@ def starting_luts(
         moments = collect_input_moments(lm, calibration_set())
         stage("calibrated post-training fit")
         return ptq_luts(lm, lut, moments), "calibrated PTQ"
-    start = load(init, "float32")
+    start = load(init, "float32")  # run_qat has checked it was trained from this model
     if not start.model.lut_weights:
         raise BadArgumentError(f"--init {init} is not a LUT checkpoint")
-    check_init(init, lm)
+    modules = dict(start.model.named_modules())
     luts = {}
     stage(f"starting from {init}'s tables (refitted where their spec differs)")
     for target in quantized_targets(lm.model, lut):
@@ -138,8 +138,7 @@ def starting_luts(
         if have is not None and have.spec == spec:
             luts[target.name] = have
         else:  # refit the init's own (dequantized) weights: its tables' values carry what it learned
-            source = dict(start.model.named_modules())[target.name].weight
-            luts[target.name] = fit_lut(source, spec)
+            luts[target.name] = fit_lut(modules[target.name].weight, spec)
     return luts, "init"
 
 
@@ -234,16 +233,8 @@ def _kd_cache(
 
 def _validate(lm: LoadedModel, luts: dict[str, LUTWeight], batch: Any) -> dict[str, float]:
     """KL and match of ``lm`` with ``luts`` in place, against the teacher on ``batch``."""
-    model = lm.model
-    holders = {t.name: t.holder for t in model.lut_targets() if t.name in luts}
-    saved = {name: holder.weight for name, holder in holders.items()}
-    try:
-        for name, holder in holders.items():
-            holder.weight = mx.array(luts[name].dequantize()).astype(holder.weight.dtype)
+    with luts_in_place(lm.model, luts) as model:
         kl, match = evaluate_model(model, batch)
-    finally:
-        for name, holder in holders.items():
-            holder.weight = saved[name]
     return {"kl": kl, "match": match}
 
 

@@ -67,6 +67,8 @@ class QATSettings:
         """Bad values -> one ``BadArgumentError`` line, before anything loads."""
         if self.steps < 1:
             raise BadArgumentError(f"--steps must be >= 1, got {self.steps}")
+        if self.save_every < 1:
+            raise BadArgumentError(f"--save-every must be >= 1, got {self.save_every}")
         if self.batch_size < 1:
             raise BadArgumentError(f"--batch-size must be >= 1, got {self.batch_size}")
         if not (self.lr > 0 and math.isfinite(self.lr)):
@@ -306,7 +308,7 @@ class Trainer:
         lr = float(self.opt_tables.learning_rate if self.train_tables else self.opt_weights.learning_rate)
         tokens = int(batch.mask.sum())
         if self.scaler is not None:
-            finite = all(bool(mx.isfinite(g).all()) for g in _leaves(grads))
+            finite = bool(mx.stack([mx.isfinite(g).all() for g in _leaves(grads)]).all())  # one sync
             finite = finite and math.isfinite(float(loss))
             self.scaler.update(finite)
             if not finite:
@@ -405,25 +407,31 @@ def _flat(name: str) -> str:
     return name.replace(".", "/")
 
 
-def evaluate_model(
-    model: DecoderModel, batch: Any, chunk: int = 8, weights: Any = None
-) -> tuple[float, float]:
-    """(KL, match) of ``model`` (optionally inside the ``weights`` context) against the teacher's
-    top-k on ``batch``, ``chunk`` sequences per forward."""
+def evaluate_model(model: DecoderModel, batch: Any, chunk: int = 8) -> tuple[float, float]:
+    """(KL, match) of ``model`` against the teacher's top-k on ``batch``, ``chunk`` sequences per forward."""
     total_kl = total_match = 0.0
     count = 0
-    with weights if weights is not None else _nothing():
-        for start in range(0, batch.tokens.shape[0], chunk):
-            interrupts.check()
-            part = slice(start, start + chunk)
-            logits = forward(model, batch.tokens[part])
-            kl, match, n = drift(logits, batch.topk_ids[part], batch.topk_logits[part], batch.mask[part])
-            total_kl += kl * n
-            total_match += match * n
-            count += n
+    for start in range(0, batch.tokens.shape[0], chunk):
+        interrupts.check()
+        part = slice(start, start + chunk)
+        logits = forward(model, batch.tokens[part])
+        kl, match, n = drift(logits, batch.topk_ids[part], batch.topk_logits[part], batch.mask[part])
+        total_kl += kl * n
+        total_match += match * n
+        count += n
     return total_kl / max(1, count), total_match / max(1, count)
 
 
 @contextmanager
-def _nothing() -> Iterator[None]:
-    yield
+def luts_in_place(model: DecoderModel, luts: dict[str, LUTWeight]) -> Iterator[DecoderModel]:
+    """``model`` computing with ``luts`` (by target name, dequantized: the export's weights) in
+    place of its own weights, which are put back afterwards."""
+    holders = {t.name: t.holder for t in model.lut_targets() if t.name in luts}
+    saved = {name: holder.weight for name, holder in holders.items()}
+    try:
+        for name, holder in holders.items():
+            holder.weight = mx.array(luts[name].dequantize()).astype(holder.weight.dtype)
+        yield model
+    finally:
+        for name, holder in holders.items():
+            holder.weight = saved[name]
