@@ -37,6 +37,8 @@ app = typer.Typer(
     add_completion=False,
 )
 console = Console(stderr=True)
+# Under mlx.launch / mpirun only rank 0 speaks: its lines, its progress, its one error line.
+_quiet = False
 
 
 @app.callback()
@@ -60,12 +62,26 @@ def user_errors() -> Iterator[None]:
     try:
         yield
     except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
+        if not _quiet:
+            print(f"error: {e}", file=sys.stderr)
         raise typer.Exit(2) from None
     except interrupts.Interrupted as e:
         interrupts.clear()
-        print(f"error: {e.message}; nothing was written", file=sys.stderr)
+        if not _quiet:
+            print(f"error: {e.message}; nothing was written", file=sys.stderr)
         raise typer.Exit(e.exit_code) from None
+
+
+def _join(backend: str):
+    """The world of this run (``distributed.connect``); a rank other than 0 goes quiet.  Before
+    joining, rank 0 is the rank the launcher announced, so a backend that fails is said once."""
+    global _quiet
+    from .distributed import connect, launcher_rank
+
+    _quiet = (launcher_rank() or 0) != 0
+    world = connect(backend)
+    _quiet = not world.main
+    return world
 
 
 ModelArg = Annotated[str, typer.Argument(help="Hugging Face folder, hub id org/name, or .gguf file")]
@@ -74,6 +90,15 @@ SpecArg = Annotated[
     typer.Argument(
         help="A driver spec (mlx:MODEL[@fp32|fp16|bf16], mil:DIR, coreml:DIR) or a bare path: an export "
         "folder runs on coreml on macOS and mil elsewhere, anything else is a model for mlx"
+    ),
+]
+
+BackendOpt = Annotated[
+    str,
+    typer.Option(
+        "--backend",
+        help="mx.distributed backend under mlx.launch or mpirun: any, ring, mpi, jaccl or nccl "
+        "(any: what the launcher set up; a single process when nothing launched this)",
     ),
 ]
 
@@ -608,8 +633,11 @@ def kd_cache(
     max_length: Annotated[int, typer.Option(help="Tokens per sample")] = 128,
     top_k: Annotated[int, typer.Option(help="Teacher logits kept per position")] = 64,
     seed: Annotated[int, typer.Option(help="Seed of the sampled text and of the choice of data pieces")] = 0,
+    backend: BackendOpt = "any",
 ) -> None:
-    """Cache the teacher's top-k logits over training text, for knowledge-distillation QAT."""
+    """Cache the teacher's top-k logits over training text, for knowledge-distillation QAT.
+
+    Under mlx.launch the ranks share the samples and rank 0 writes the one cache."""
     import time
     from pathlib import Path
 
@@ -621,12 +649,15 @@ def kd_cache(
     from .qat.kd_cache import build_kd_cache, check_out, check_settings
 
     with user_errors():
-        files = [Path(f) for f in data or []]
-        read_samples(files, noun="data file")  # missing, misnamed or malformed files fail here
-        config, source = read_config(model)
-        check_settings(build_model(config).args, samples, max_length, top_k)
-        check_out(Path(out), [source])
-        lm = load(model, "float32")
+        world = _join(backend)
+        with world.together():
+            files = [Path(f) for f in data or []]
+            read_samples(files, noun="data file")  # missing, misnamed or malformed files fail here
+            config, source = read_config(model)
+            check_settings(build_model(config).args, samples, max_length, top_k)
+            if world.main:
+                check_out(Path(out), [source])
+            lm = load(model, "float32")
         start = time.perf_counter()
         done = [0]
 
@@ -635,21 +666,27 @@ def kd_cache(
             bar.update(task, completed=made, total=total)
 
         try:
-            with Progress(*_bar_columns(), console=console, transient=True) as bar:
+            with Progress(*_bar_columns(), console=console, transient=True, disable=_quiet) as bar:
                 task = bar.add_task("kd-cache", total=None)
-                cache = build_kd_cache(lm, Path(out), files or None, samples, max_length, top_k, seed, progress)
+                cache = build_kd_cache(
+                    lm, Path(out), files or None, samples, max_length, top_k, seed, progress, world
+                )
         except interrupts.Interrupted as e:  # unlike other commands, the whole shards stay: say so
             interrupts.clear()
-            print(f"error: {e.message}; {done[0]} samples kept in {out}: rerun the same command to resume", file=sys.stderr)
+            if not _quiet:
+                print(f"error: {e.message}; {done[0]} samples kept in {out}: rerun the same command to resume", file=sys.stderr)
             raise typer.Exit(e.exit_code) from None
         seconds = time.perf_counter() - start
+    if not world.main:
+        return
     tokens = cache.tokens
+    ranks = f" on {world.size} ranks" if world.size > 1 else ""
     if cache.built == 0:
         print(f"{cache.path}: already complete, {cache.samples} samples of {tokens} tokens ({cache.nbytes / 2**20:.1f} MB)")
     else:
         print(
             f"{cache.path}: {cache.samples} samples, {tokens} tokens, top {cache.top_k} logits per position, "
-            f"{cache.built} samples made in {seconds:.1f} s, {cache.nbytes / 2**20:.1f} MB"
+            f"{cache.built} samples made in {seconds:.1f} s{ranks}, {cache.nbytes / 2**20:.1f} MB"
         )
 
 
@@ -675,8 +712,12 @@ def qat(
     init: Annotated[str | None, typer.Option(help="Start from this checkpoint's tables (refitted where its spec differs)")] = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue the training saved in --out")] = False,
     seed: Annotated[int, typer.Option(help="Seed of the data order")] = 0,
+    backend: BackendOpt = "any",
 ) -> None:
-    """Train LUT weights against the float model (knowledge distillation) and write a checkpoint."""
+    """Train LUT weights against the float model (knowledge distillation) and write a checkpoint.
+
+    Under mlx.launch every rank trains on its share of each batch (--batch-size is the global
+    batch) and rank 0 writes the checkpoint; --resume works with any number of ranks."""
     from pathlib import Path
 
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
@@ -706,21 +747,27 @@ def qat(
             save_every=save_every,
         )
         settings.check()
-        config, source = read_config(model)
-        skeleton = build_model(config)
-        for target in skeleton.lut_targets():  # a group size the weights cannot take fails now
-            spec = settings.lut[target.part]
-            if spec is not None:
-                spec.num_groups(target.holder.weight.shape[0])
-        check_resume(Path(out), resume, settings)
-        if kd_cache_dir is not None:
-            open_kd_cache(Path(kd_cache_dir))  # a missing or broken cache fails before loading
-        print(f"qat: {model} -> {out}, LUT {settings.lut}, {steps} steps of {batch_size}, lr {lr:g}, {precision}")
+        world = _join(backend)
+        world.check_batch(batch_size)
+        with world.together():
+            config, source = read_config(model)
+            skeleton = build_model(config)
+            for target in skeleton.lut_targets():  # a group size the weights cannot take fails now
+                spec = settings.lut[target.part]
+                if spec is not None:
+                    spec.num_groups(target.holder.weight.shape[0])
+            if world.main:
+                check_resume(Path(out), resume, settings)
+            if kd_cache_dir is not None:
+                open_kd_cache(Path(kd_cache_dir))  # a missing or broken cache fails before loading
+        ranks = f" on {world.size} ranks ({batch_size // world.size} each)" if world.size > 1 else ""
+        if world.main:
+            print(f"qat: {model} -> {out}, LUT {settings.lut}, {steps} steps of {batch_size}{ranks}, lr {lr:g}, {precision}")
         columns = (
             TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
             TextColumn("{task.fields[info]}"), TimeElapsedColumn(), TimeRemainingColumn(),
         )  # fmt: skip
-        with Progress(*columns, console=console) as bar:
+        with Progress(*columns, console=console, disable=_quiet) as bar:
             kd_task = None
             train_task = None
 
@@ -745,6 +792,7 @@ def qat(
                 report = run_qat(
                     model, Path(out), settings, Path(kd_cache_dir) if kd_cache_dir else None, init, resume,
                     stage=lambda line: bar.console.print(line), on_step=on_step, kd_progress=kd_progress,
+                    world=world,
                 )  # fmt: skip
             except interrupts.Interrupted as e:  # what was saved stays: say so, and how to go on
                 saved = _saved_step(Path(out))
@@ -752,8 +800,11 @@ def qat(
                     raise
                 interrupts.clear()
                 bar.stop()
-                print(f"error: {e.message}; the checkpoint of step {saved} is kept in {out}: rerun with --resume to continue", file=sys.stderr)
+                if not _quiet:
+                    print(f"error: {e.message}; the checkpoint of step {saved} is kept in {out}: rerun with --resume to continue", file=sys.stderr)
                 raise typer.Exit(e.exit_code) from None
+    if not world.main:
+        return
     table = Table(title=f"validation on held-out teacher samples ({report.steps} steps, {report.seconds / 60:.1f} min)")
     table.add_column("weights")
     table.add_column("KL", justify="right")
@@ -761,6 +812,12 @@ def qat(
     for name, row in report.validation.items():
         table.add_row(name, f"{row['kl']:.4f}", f"{100 * row['match']:.1f}%")
     Console().print(table)
+    speed = report.throughput.summary()
+    if world.size > 1:
+        print(
+            f"{world.size} ranks: {speed['tokens_per_second']:.0f} tok/s, {speed['comm_seconds_per_step'] * 1000:.1f} ms "
+            f"of gradient reduction per step ({speed['reduced_bytes_per_step'] / 2**20:.2f} MB per rank)"
+        )
     if report.overflow_rate is not None:
         print(f"fp16 overflow rate: {100 * report.overflow_rate:.2f}% of steps skipped")
     if report.got_worse:

@@ -73,6 +73,22 @@ def ptq_luts(lm: LoadedModel, lut: LUTConfig, moments: InputMoments | None = Non
     return out
 
 
+def blank_luts(model: DecoderModel, lut: LUTConfig) -> dict[str, LUTWeight]:
+    """Zero tables and indices of the right shapes for every target ``lut`` quantizes: a placeholder
+    for a trainer whose state is loaded (``--resume``) or received from rank 0, not a fit."""
+    out = {}
+    for target in quantized_targets(model, lut):
+        spec = lut[target.part]
+        assert spec is not None
+        rows, columns = target.holder.weight.shape
+        out[target.name] = LUTWeight(
+            indices=np.zeros((rows, columns), np.uint8),
+            lut=np.zeros((spec.num_groups(rows), 2**spec.bits), np.float16),
+            spec=spec,
+        )
+    return out
+
+
 def write_lut_checkpoint(
     lm: LoadedModel,
     luts: dict[str, LUTWeight],

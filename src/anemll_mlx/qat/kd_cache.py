@@ -47,6 +47,7 @@ import numpy as np
 from mlx.utils import tree_map
 
 from .. import interrupts
+from ..distributed import SINGLE, World
 from ..errors import BadArgumentError
 from ..loading import LoadedModel, files_sha256
 from ..models.base import BaseArgs, DecoderModel
@@ -137,6 +138,10 @@ class KDCache:
         names = [MANIFEST] + [s["file"] for s in self.manifest["shards"]]
         return sum((self.path / n).stat().st_size for n in names if (self.path / n).exists())
 
+    def read(self) -> None:
+        """Read the shards into memory now, so that a missing or damaged one fails here."""
+        self._arrays()
+
     def check_teacher(self, lm: LoadedModel) -> None:
         """Refuse a model other than the one whose logits these are: the targets would be another
         model's, and the student would be trained towards them silently."""
@@ -152,11 +157,14 @@ class KDCache:
                 f"{lm.source} has {lm.model.args.vocab_size})"
             )
 
-    def batches(self, batch_size: int, seed: int, start: int = 0) -> Iterator[KDBatch]:
+    def batches(self, batch_size: int, seed: int, start: int = 0, part: slice | None = None) -> Iterator[KDBatch]:
         """Training batches without end: the training samples in a fresh order each epoch (drawn
         from ``seed`` and the epoch number), read as one stream cut into ``batch_size`` pieces, so
         batch ``start`` is found without drawing the ones before it (a resumed trainer passes the
-        number of batches it has already seen and gets the same data as an unbroken run)."""
+        number of batches it has already seen and gets the same data as an unbroken run).
+
+        ``part``: the rows of each batch this rank trains on (data-parallel ranks split every
+        global batch, so the stream, and a resumed run, do not depend on the number of ranks)."""
         if batch_size < 1:
             raise BadArgumentError(f"batch size must be >= 1, got {batch_size}")
         if start < 0:
@@ -176,7 +184,7 @@ class KDCache:
         while True:
             stream = np.arange(b * batch_size, (b + 1) * batch_size)
             index = np.array([order(int(j // train))[j % train] for j in stream])
-            yield self._batch(index)
+            yield self._batch(index if part is None else index[part])
             b += 1
 
     def validation(self, count: int) -> KDBatch:
@@ -308,17 +316,25 @@ def build_kd_cache(
     top_k: int = 64,
     seed: int = 0,
     progress: Progress | None = None,
+    world: World = SINGLE,
 ) -> KDCache:
     """Make (or finish, or find complete) the KD cache of ``lm`` in ``out``; see the module doc.
 
     A folder holding a cache made with other settings or another model is refused, naming what
     differs; one holding this very cache, incomplete, is finished from its last whole shard.
+
+    Several ranks (``world``) make the shards round-robin, W at a time; rank 0 gathers each round
+    and writes it, so the cache is the one a single process makes (a shard depends only on its
+    samples and the seed), and only rank 0 touches ``out``.  ``progress`` is called on rank 0.
     """
     out = Path(out)
     args = lm.model.args
     check_settings(args, samples, max_length, top_k)
-    check_out(out, [lm.path])
-    specs, source, data_sha = _plan(lm, data, samples, max_length, seed)
+    main = world.main
+    with world.together():
+        if main:
+            check_out(out, [lm.path])
+        specs, source, data_sha = _plan(lm, data, samples, max_length, seed)
     manifest: dict[str, Any] = {
         "format": FORMAT,
         "version": VERSION,
@@ -331,32 +347,76 @@ def build_kd_cache(
         "shards": [],
         "complete": False,
     }
-    found = _read_manifest(out) if out.is_dir() else None
-    if found is not None:
-        _compare(out, found, manifest)
-        if found["complete"]:
-            if progress is not None:
-                progress(len(specs), len(specs))
-            return KDCache(out, found)
-        manifest["shards"] = found["shards"]
-    out.mkdir(parents=True, exist_ok=True)
+    with world.together():
+        found = _read_manifest(out) if main and out.is_dir() else None
+        if found is not None:
+            _compare(out, found, manifest)
+            manifest["shards"] = found["shards"]
     done = sum(s["samples"] for s in manifest["shards"])
-    if progress is not None:
+    done = int(world.broadcast_numbers([float(done)])[0])
+    if main and progress is not None:
         progress(done, len(specs))
+    if done == len(specs):
+        return KDCache(out, found if found is not None else _finished(manifest))
+    if main:
+        out.mkdir(parents=True, exist_ok=True)
     eos = set(lm.tokenizer.eos_token_ids)
+    first_shard, shards = done // SHARD_SAMPLES, -(-len(specs) // SHARD_SAMPLES)
     with _float32(lm):
-        for first in range(done, len(specs), SHARD_SAMPLES):
+        for round_start in range(first_shard, shards, world.size):
             interrupts.check()
-            shard = _make_shard(lm.model, specs[first : first + SHARD_SAMPLES], max_length, top_k, seed, eos)
-            name = f"shard-{len(manifest['shards']):05d}.safetensors"
-            with OutputFile.check(out / name, force=True).build() as partial:
-                mx.save_safetensors(str(partial), {k: mx.array(v) for k, v in shard.items()})
-            manifest["shards"].append({"file": name, "samples": len(shard["lengths"])})
-            manifest["complete"] = first + SHARD_SAMPLES >= len(specs)
-            _write_manifest(out, manifest)
-            if progress is not None:
-                progress(min(first + SHARD_SAMPLES, len(specs)), len(specs))
+            mine = round_start + world.rank
+            if mine < shards:
+                rows = specs[mine * SHARD_SAMPLES : (mine + 1) * SHARD_SAMPLES]
+                shard = _make_shard(lm.model, rows, max_length, top_k, seed, eos)
+            else:  # past the end: this rank's place in the last round holds nothing
+                shard = _empty(0, max_length, top_k)
+            made = _gather_shards(world, shard, max_length, top_k)
+            if not main:
+                continue
+            for index, shard in enumerate(made, start=round_start):
+                if index >= shards:
+                    break
+                name = f"shard-{index:05d}.safetensors"
+                with OutputFile.check(out / name, force=True).build() as partial:
+                    mx.save_safetensors(str(partial), {k: mx.array(v) for k, v in shard.items()})
+                manifest["shards"].append({"file": name, "samples": len(shard["lengths"])})
+                manifest["complete"] = index == shards - 1
+                _write_manifest(out, manifest)
+                if progress is not None:
+                    progress(min((index + 1) * SHARD_SAMPLES, len(specs)), len(specs))
+    if not main:
+        manifest = _finished(manifest)
     return KDCache(out, manifest, built=len(specs) - done)
+
+
+def _finished(manifest: dict[str, Any]) -> dict[str, Any]:
+    """The manifest rank 0 writes for ``manifest``'s samples once every shard is made (its shards
+    are cut the same way on every rank)."""
+    n = int(manifest["samples"])
+    shards = [
+        {"file": f"shard-{i:05d}.safetensors", "samples": min(SHARD_SAMPLES, n - i * SHARD_SAMPLES)}
+        for i in range(-(-n // SHARD_SAMPLES))
+    ]
+    return {**manifest, "shards": shards, "complete": True}
+
+
+def _gather_shards(world: World, shard: dict[str, np.ndarray], length: int, k: int) -> list[dict[str, np.ndarray]]:
+    """Every rank's shard of this round, in rank order (each padded to ``SHARD_SAMPLES`` rows for
+    the exchange, cut back to its real rows after)."""
+    if world.size == 1:
+        return [shard]
+    padded = _empty(SHARD_SAMPLES, length, k)
+    rows = len(shard["lengths"])
+    for name in SHARD_ARRAYS:
+        padded[name][:rows] = shard[name]
+    arrays = {name: mx.array(v) for name, v in padded.items()} | {"rows": mx.array([rows], mx.int32)}
+    gathered = world.gather(arrays)
+    out = []
+    for one in gathered:
+        n = int(one["rows"][0])
+        out.append({name: np.array(one[name][:n]) for name in SHARD_ARRAYS})
+    return out
 
 
 def _compare(out: Path, found: dict[str, Any], wanted: dict[str, Any]) -> None:

@@ -23,11 +23,12 @@ from typing import Any, cast
 
 import mlx.core as mx
 
+from ..distributed import SINGLE, World
 from ..errors import BadArgumentError
 from ..loading import LoadedModel, load
 from ..loading.checkpoint import QAT_FILE, read_qat_info
 from ..quant.lut import LUTConfig, LUTWeight, fit_lut
-from .checkpoint import ptq_luts, quantized_targets, write_lut_checkpoint
+from .checkpoint import blank_luts, ptq_luts, quantized_targets, write_lut_checkpoint
 from .kd_cache import KDCache, build_kd_cache, open_kd_cache
 from .train import QATSettings, StepResult, Trainer, evaluate_model, luts_in_place
 
@@ -40,6 +41,36 @@ StepReport = Callable[[int, StepResult, float], None]  # (steps done, result, to
 
 
 @dataclass
+class Throughput:
+    """Training speed over a run (qat.json's ``throughput``): tokens over all ranks per second of
+    steps, and with several ranks the time and bytes of the gradient reduction per step."""
+
+    ranks: int = 1
+    reduced_bytes: int = 0  # per rank and step
+    steps: int = 0
+    tokens: int = 0
+    seconds: float = 0.0
+    comm_seconds: float = 0.0
+
+    def add(self, result: StepResult, seconds: float) -> None:
+        self.steps += 1
+        self.tokens += result.tokens
+        self.seconds += seconds
+        self.comm_seconds += result.comm
+
+    def summary(self) -> dict[str, float]:
+        steps = max(1, self.steps)
+        return {
+            "ranks": self.ranks,
+            "steps": self.steps,
+            "tokens_per_second": round(self.tokens / max(1e-9, self.seconds), 1),
+            "seconds_per_step": round(self.seconds / steps, 4),
+            "comm_seconds_per_step": round(self.comm_seconds / steps, 4),
+            "reduced_bytes_per_step": self.reduced_bytes,
+        }
+
+
+@dataclass
 class QATReport:
     """What a run measured (qat.json's ``validation`` and ``history``)."""
 
@@ -49,6 +80,7 @@ class QATReport:
     seconds: float = 0.0
     overflow_rate: float | None = None
     checkpoint: Path | None = None
+    throughput: Throughput = field(default_factory=lambda: Throughput())
 
     @property
     def got_worse(self) -> bool:
@@ -153,66 +185,87 @@ def run_qat(
     on_step: StepReport | None = None,
     baselines: bool = True,
     kd_progress: Callable[[int, int], None] | None = None,
+    world: World = SINGLE,
 ) -> QATReport:
-    """Train ``model``'s LUT weights as ``settings`` say and write the checkpoint ``out``."""
+    """Train ``model``'s LUT weights as ``settings`` say and write the checkpoint ``out``.
+
+    With several ranks (``world``), every rank loads the model and reads the KD cache and trains on
+    its share of each global batch; rank 0 alone checks and writes ``out``, computes the starting
+    tables and the validation, and hands its state to the others (``Trainer.sync``), so a run
+    resumes on any number of ranks.  ``stage`` and ``on_step`` are called on rank 0 only.
+    """
     settings.check()
+    world.check_batch(settings.batch_size)
     out = Path(out)
-    saved = check_resume(out, resume, settings)
-    lm = load(model, "float32")
-    quantized_targets(lm.model, settings.lut)  # a tied head or embeddings under a LUT: refused now
-    if lm.model.lut_weights:
-        raise BadArgumentError(
-            f"{model} is a LUT checkpoint: train from its source model, with --init {model}"
-        )
-    if init is not None and saved is None:
-        check_init(init, lm)
-    kd = _kd_cache(lm, out, kd_dir, stage, kd_progress)
-    validation = kd.validation(min(VALIDATION_SAMPLES, kd.held_out))
+    main = world.main
+    stage = stage if main else (lambda line: None)
+    with world.together():
+        saved = check_resume(out, resume, settings) if main else None
+        lm = load(model, "float32")
+        quantized_targets(lm.model, settings.lut)  # a tied head or embeddings under a LUT: refused now
+        if lm.model.lut_weights:
+            raise BadArgumentError(
+                f"{model} is a LUT checkpoint: train from its source model, with --init {model}"
+            )
+        if init is not None and saved is None and main:
+            check_init(init, lm)
+    kd = _kd_cache(lm, out, kd_dir, stage, kd_progress, world)
     report = QATReport()
     started = time.perf_counter()
 
-    if saved is None:
-        if baselines:
-            stage("plain post-training fit")
-            plain = ptq_luts(lm, settings.lut)
-            report.validation["plain PTQ"] = _validate(lm, plain, validation)
-        luts, label = starting_luts(lm, settings.lut, init, stage)
-        report.validation[label] = _validate(lm, luts, validation)
-    else:
-        report.validation = saved["validation"]
-        report.history = saved["history"]
-        luts = ptq_luts(load(out, "float32"), settings.lut)  # shapes only: the state replaces them
+    with world.together():  # the other ranks wait here for rank 0's baselines and starting point
+        validation = kd.validation(min(VALIDATION_SAMPLES, kd.held_out)) if main else None
+        if not main or saved is not None:  # shapes only: rank 0's state replaces them (Trainer.sync)
+            luts = blank_luts(lm.model, settings.lut)
+        if main and saved is None:
+            if baselines:
+                stage("plain post-training fit")
+                plain = ptq_luts(lm, settings.lut)
+                report.validation["plain PTQ"] = _validate(lm, plain, validation)
+            luts, label = starting_luts(lm, settings.lut, init, stage)
+            report.validation[label] = _validate(lm, luts, validation)
+        elif saved is not None:
+            report.validation = saved["validation"]
+            report.history = saved["history"]
 
-    trainer = Trainer(lm.model, luts, settings)
+    trainer = Trainer(lm.model, luts, settings, world)
     if saved is not None:
         trainer.load_state(
             cast(dict[str, mx.array], mx.load(str(out / STATE_FILE))),
             int(saved["step"]),
             saved.get("loss_scale"),
         )
+    trainer.sync()
+    if resume:
         stage(f"resuming at step {trainer.step} of {settings.steps}")
-    batches = kd.batches(settings.batch_size, settings.seed, start=trainer.step)
+    batch_rows = world.part(settings.batch_size)
+    batches = kd.batches(settings.batch_size, settings.seed, start=trainer.step, part=batch_rows)
     info = {
         "recipe": _settings_json(settings),
         "teacher": {"source": lm.source, "sha256": lm.content_sha256},
         "kd_cache": {"path": str(kd.path), "data": kd.manifest["data"], "samples": kd.samples},
         "init": init,
     }
-    stage(f"training {len(trainer.targets)} LUT weights for {settings.steps} steps")
+    ranks = f" on {world.size} ranks" if world.size > 1 else ""
+    stage(f"training {len(trainer.targets)} LUT weights for {settings.steps} steps{ranks}")
+    report.throughput = Throughput(ranks=world.size, reduced_bytes=trainer.reduced_bytes() if world.size > 1 else 0)
     while trainer.step < settings.steps:
         t0 = time.perf_counter()
         result = trainer.train_step(next(batches))
-        rate = result.tokens / max(1e-9, time.perf_counter() - t0)
+        seconds = time.perf_counter() - t0
+        report.throughput.add(result, seconds)
         report.history.append([trainer.step, result.loss, result.kl, result.lr])
-        if on_step is not None:
-            on_step(trainer.step, result, rate)
-        if trainer.step % settings.save_every == 0 and trainer.step < settings.steps:
+        if on_step is not None and main:
+            on_step(trainer.step, result, result.tokens / max(1e-9, seconds))
+        if main and trainer.step % settings.save_every == 0 and trainer.step < settings.steps:
             _save(lm, trainer, out, info, report, complete=False)
 
+    report.steps = trainer.step
+    if not main:
+        return report
     stage("validation after training")
     with trainer.source_weights():
         report.validation["QAT"] = _validate(lm, trainer.luts(), validation)
-    report.steps = trainer.step
     report.seconds = time.perf_counter() - started
     report.overflow_rate = trainer.scaler.overflow_rate if trainer.scaler else None
     report.checkpoint = _save(lm, trainer, out, info, report, complete=True)
@@ -220,15 +273,24 @@ def run_qat(
 
 
 def _kd_cache(
-    lm: LoadedModel, out: Path, kd_dir: Path | None, stage: Stage, progress: Callable[[int, int], None] | None
+    lm: LoadedModel,
+    out: Path,
+    kd_dir: Path | None,
+    stage: Stage,
+    progress: Callable[[int, int], None] | None,
+    world: World,
 ) -> KDCache:
-    if kd_dir is not None:
+    """The given cache, or the default one built beside ``out`` (by all ranks, written by rank 0);
+    every rank must be able to read it (one host, or a folder the hosts share)."""
+    if kd_dir is None:
+        kd_dir = default_cache_dir(out)
+        stage(f"KD cache {kd_dir} (the teacher's top-k logits; reused by reruns)")
+        build_kd_cache(lm, kd_dir, progress=progress, world=world)
+    with world.together():
         kd = open_kd_cache(kd_dir)
         kd.check_teacher(lm)
-        return kd
-    path = default_cache_dir(out)
-    stage(f"KD cache {path} (the teacher's top-k logits; reused by reruns)")
-    return build_kd_cache(lm, path, progress=progress)
+        kd.read()  # a rank that cannot read the shards fails here, together with the others
+    return kd
 
 
 def _validate(lm: LoadedModel, luts: dict[str, LUTWeight], batch: Any) -> dict[str, float]:
@@ -252,6 +314,7 @@ def _save(
         loss_scale=trainer.scaler.state() if trainer.scaler else None,
         overflow_rate=report.overflow_rate,
         seconds=round(report.seconds, 1),
+        throughput=report.throughput.summary(),
     )
 
     def extra(folder: Path) -> None:

@@ -30,6 +30,7 @@ import mlx.optimizers as optim
 from mlx.utils import tree_flatten, tree_map, tree_unflatten
 
 from .. import interrupts
+from ..distributed import SINGLE, World
 from ..errors import BadArgumentError, UnsupportedError
 from ..models.base import DecoderModel, LUTTarget
 from ..ops.mlx_ops import MLXOps
@@ -191,16 +192,27 @@ class StepResult:
     kl: float
     lr: float
     skipped: bool
-    tokens: int
+    tokens: int  # over all ranks
     scale: float | None = None  # the loss scale this step ran with (fp16)
+    comm: float = 0.0  # seconds this step spent in the gradient reduction (several ranks)
 
 
 class Trainer:
-    """Trains the LUT targets of ``model`` from the starting fits ``luts`` (keyed by target name)."""
+    """Trains the LUT targets of ``model`` from the starting fits ``luts`` (keyed by target name).
 
-    def __init__(self, model: DecoderModel, luts: dict[str, LUTWeight], settings: QATSettings):
+    Data-parallel over ``world``: every rank runs the step on its share of the global batch; the
+    gradients are averaged, weighted by each rank's target tokens, in one reduction, so every rank
+    takes the same optimizer step as one process would on the whole batch (to float32 summation
+    order).  The layer-by-layer term is a ratio of sums per rank, averaged the same way: close to,
+    not equal to, the single-process value.  ``sync`` gives every rank rank 0's state first.
+    """
+
+    def __init__(
+        self, model: DecoderModel, luts: dict[str, LUTWeight], settings: QATSettings, world: World = SINGLE
+    ):
         self.model = model
         self.settings = settings
+        self.world = world
         self.targets: list[tuple[LUTTarget, TrainableLUT]] = []
         for target in model.lut_targets():
             spec = settings.lut[target.part]
@@ -228,6 +240,10 @@ class Trainer:
         self.opt_weights = optim.AdamW(
             settings.schedule_for(settings.lr * settings.weights_lr), weight_decay=0.0
         )
+        for key, opt in (("tables", self.opt_tables), ("latent", self.opt_weights)):
+            # the state's arrays exist from the start (zeros, as the first update would make
+            # them): a resumed or synchronised run fills in the same tree on every rank
+            opt.init({_flat(name): p[key] for name, p in self.params.items()})
         self.scaler = LossScale() if settings.precision == "fp16" else None
         self.step = 0
         self._grad = mx.value_and_grad(self._loss)
@@ -306,14 +322,16 @@ class Trainer:
         if scale != 1.0:
             grads = tree_map(lambda g: g / scale, grads)
         lr = float(self.opt_tables.learning_rate if self.train_tables else self.opt_weights.learning_rate)
-        tokens = int(batch.mask.sum())
+        comm = self.world.comm_seconds
+        grads, loss, soft, tokens = self._average(grads, loss, soft, batch.mask.sum())
+        comm = self.world.comm_seconds - comm
         if self.scaler is not None:
             finite = bool(mx.stack([mx.isfinite(g).all() for g in _leaves(grads)]).all())  # one sync
             finite = finite and math.isfinite(float(loss))
             self.scaler.update(finite)
             if not finite:
                 self.step += 1
-                return StepResult(float("nan"), float("nan"), lr, True, tokens, scale)
+                return StepResult(float("nan"), float("nan"), lr, True, tokens, scale, comm)
         grads, _ = optim.clip_grad_norm(grads, self.settings.clip)
         for key, opt, on in (
             ("tables", self.opt_tables, self.train_tables),
@@ -328,7 +346,48 @@ class Trainer:
                 p[key] = updated[_flat(name)]
         mx.eval(self.params, self.opt_tables.state, self.opt_weights.state)
         self.step += 1
-        return StepResult(float(loss), float(soft), lr, False, tokens, scale if self.scaler else None)
+        return StepResult(float(loss), float(soft), lr, False, tokens, scale if self.scaler else None, comm)
+
+    def _average(self, grads: Any, loss: mx.array, soft: mx.array, tokens: mx.array) -> tuple[Any, mx.array, mx.array, int]:
+        """(gradients, loss, soft KL, target tokens) over the global batch.  Each rank's loss is a
+        mean over its own tokens, so the global mean weights rank r by its share n_r / N: one
+        reduction sums n_r * g_r for every gradient together with n_r, n_r * loss, n_r * soft."""
+        if self.world.size == 1:
+            return grads, loss, soft, int(tokens)
+        # by hand, not tree_flatten: target names hold dots, which MLX's tree paths split on
+        leaves = [(name, key, g) for name, group in grads.items() for key, g in group.items()]
+        n = tokens.astype(mx.float32)
+        summed = self.world.all_sum_flat([g * n for _, _, g in leaves] + [mx.stack([n, loss * n, soft * n])])
+        total = summed[-1]
+        count = mx.maximum(total[0], 1.0)
+        averaged: dict[str, dict[str, mx.array]] = {name: {} for name in grads}
+        for (name, key, _), g in zip(leaves, summed[:-1]):
+            averaged[name][key] = g / count
+        return averaged, total[1] / count, total[2] / count, int(total[0])
+
+    def reduced_bytes(self) -> int:
+        """Bytes each rank sends into the gradient reduction per step (float32)."""
+        trained = [k for k, on in (("tables", self.train_tables), ("latent", self.train_weights)) if on]
+        return 4 * (3 + sum(int(p[k].size) for p in self.params.values() for k in trained))
+
+    def sync(self) -> None:
+        """Every rank takes rank 0's trainable arrays, assignments, optimizer state, step and loss
+        scale: the ranks start (or resume) from one state, whatever each computed or loaded."""
+        if self.world.size == 1:
+            return
+        arrays = self.world.broadcast(self.state())
+        for name, p in self.params.items():
+            for key in ("tables", "latent"):
+                p[key] = arrays[f"{name}.{key}"]
+            self.indices[name] = arrays[f"{name}.indices"]
+        for key, opt in (("tables", self.opt_tables), ("latent", self.opt_weights)):
+            prefix = f"opt.{key}."
+            opt.state = tree_unflatten([(k[len(prefix) :], v) for k, v in arrays.items() if k.startswith(prefix)])
+        scaler = self.scaler.state() if self.scaler else {"scale": 0.0, "clean": 0, "overflows": 0, "steps": 0}
+        numbers = self.world.broadcast_numbers([float(self.step)] + [float(v) for v in scaler.values()])
+        self.step = int(numbers[0])
+        if self.scaler is not None:
+            self.scaler.load(dict(zip(scaler, numbers[1:])))
 
     def reassign(self) -> None:
         """Every latent weight to its nearest entry of the current fp16 tables."""
