@@ -11,7 +11,10 @@ emits the same tables and indices, ``tests/test_qat_checkpoint.py``):
   the same projections (decoder layers only, like our FFN part), on mlx-lm's own model class
   holding the same weights.  mlx-lm's DWQ is not run: it trains for hours on a GPU-sized budget.
 
-Speed: a short ``qat`` run (``--bench-steps``) reports seconds per step and tokens per second.
+Speed: short ``qat`` runs (``--bench-steps``) on 1 rank and on 2 local ranks (``mlx.launch``, ring
+over loopback) report seconds per step, tokens per second, and for 2 ranks the gradient reduction's
+time and bytes per step.  This machine has 2 cores, so 2 ranks measure the overhead of the split,
+not a speed-up.
 
 Run: .venv/bin/python bench/qat.py [--checkpoint CKPT] [--bench-steps 6]
   --checkpoint: a QAT checkpoint of SmolLM2 (``anemll-mlx qat GGUF --out CKPT``); without it the QAT
@@ -25,8 +28,9 @@ import anemll_mlx  # noqa: F401  (first, before mlx.core: the fast BLAS goes und
 # isort: split
 import argparse
 import json
+import subprocess
+import sys
 import tempfile
-import time
 from pathlib import Path
 
 import mlx.core as mx
@@ -40,8 +44,7 @@ from anemll_mlx.loading import load
 from anemll_mlx.probe.calibrate import calibration_set, collect_input_moments
 from anemll_mlx.qat.checkpoint import ptq_luts
 from anemll_mlx.qat.kd_cache import build_kd_cache
-from anemll_mlx.qat.run import run_qat
-from anemll_mlx.qat.train import QATSettings, forward, luts_in_place
+from anemll_mlx.qat.train import forward, luts_in_place
 from anemll_mlx.quant.lut import LUTConfig, LUTSpec
 from anemll_mlx.runtime.drivers import MLXDriver
 from common import mlx_lm_peer, smollm2_gguf
@@ -88,27 +91,23 @@ def mlx_lm_4bit(lm):
     return lambda ids: np.array(peer(mx.array(ids)[None])[0].astype(mx.float32))
 
 
-def training_speed(gguf: Path, steps: int) -> dict:
+def training_speed(gguf: Path, steps: int) -> dict[int, dict]:
+    """qat's own throughput (qat.json) with 1 and with 2 local ranks (ring over loopback, launched
+    by mlx.launch), same KD cache, global batch 4.  On this 2-core machine two ranks share the
+    cores: this measures the overhead of splitting, not a speed-up."""
+    cli = Path(sys.executable).parent
+    speeds = {}
     with tempfile.TemporaryDirectory() as tmp:
-        lm = load(gguf, "float32")
-        kd = build_kd_cache(lm, Path(tmp) / "kd", samples=64, max_length=128)
-        times: list[float] = []
-        tokens: list[int] = []
-        last = [time.perf_counter()]
-
-        def on_step(step, result, rate) -> None:
-            now = time.perf_counter()
-            times.append(now - last[0])
-            tokens.append(result.tokens)
-            last[0] = now
-
-        settings = QATSettings(LUT44, steps=steps, save_every=steps + 1)
-        run_qat(str(gguf), Path(tmp) / "ck", settings, kd.path, on_step=on_step, baselines=False)
-    steady = times[1:] or times  # the first step compiles and allocates
-    return {
-        "seconds_per_step": float(np.median(steady)),
-        "tokens_per_s": float(np.sum(tokens[1:] or tokens) / np.sum(steady)),
-    }
+        kd = build_kd_cache(load(gguf, "float32"), Path(tmp) / "kd", samples=64, max_length=128)
+        for ranks in (1, 2):
+            out = Path(tmp) / f"ck{ranks}"
+            args = [str(cli / "anemll-mlx"), "qat", str(gguf), "--out", str(out), "--kd-cache", str(kd.path),
+                    "--steps", str(steps), "--save-every", str(steps + 1)]  # fmt: skip
+            if ranks > 1:
+                args = [str(cli / "mlx.launch"), "-n", str(ranks), "--backend", "ring", "--", *args]
+            subprocess.run(args, check=True, capture_output=True, text=True)
+            speeds[ranks] = json.loads((out / "qat.json").read_text())["throughput"]
+    return speeds
 
 
 def main() -> None:
@@ -119,9 +118,17 @@ def main() -> None:
     gguf = smollm2_gguf()
 
     speed = training_speed(gguf, opts.bench_steps)
-    print(
-        f"qat step (batch 4 x 128 tokens, fp32, tables): {speed['seconds_per_step']:.1f} s, {speed['tokens_per_s']:.0f} tokens/s"
-    )
+    for ranks, row in speed.items():
+        comm = (
+            f", gradient reduction {1000 * row['comm_seconds_per_step']:.0f} ms/step, "
+            f"{row['reduced_bytes_per_step'] / 2**20:.2f} MB all-reduced per rank and step"
+            if ranks > 1 else ""
+        )  # fmt: skip
+        print(
+            f"qat step on {ranks} rank(s) (global batch 4 x 128 tokens, fp32, tables): "
+            f"{row['seconds_per_step']:.1f} s, {row['tokens_per_second']:.0f} tokens/s{comm}"
+        )
+    print(f"2 ranks / 1 rank tokens/s: {speed[2]['tokens_per_second'] / speed[1]['tokens_per_second']:.2f}x (2 cores in all: overhead, not speed-up)")
 
     lm = load(gguf, "float32")
     refs = references(lm)

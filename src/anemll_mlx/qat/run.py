@@ -43,7 +43,8 @@ StepReport = Callable[[int, StepResult, float], None]  # (steps done, result, to
 @dataclass
 class Throughput:
     """Training speed over a run (qat.json's ``throughput``): tokens over all ranks per second of
-    steps, and with several ranks the time and bytes of the gradient reduction per step."""
+    steps, and with several ranks the time and bytes of the gradient reduction per step.  The
+    first step of a run (or of a resumed run) is left out: it compiles and allocates."""
 
     ranks: int = 1
     reduced_bytes: int = 0  # per rank and step
@@ -51,8 +52,12 @@ class Throughput:
     tokens: int = 0
     seconds: float = 0.0
     comm_seconds: float = 0.0
+    _first: bool = True
 
     def add(self, result: StepResult, seconds: float) -> None:
+        if self._first:
+            self._first = False
+            return
         self.steps += 1
         self.tokens += result.tokens
         self.seconds += seconds

@@ -240,7 +240,7 @@ class Trainer:
         self.opt_weights = optim.AdamW(
             settings.schedule_for(settings.lr * settings.weights_lr), weight_decay=0.0
         )
-        for key, opt in (("tables", self.opt_tables), ("latent", self.opt_weights)):
+        for key, opt in self._optimizers():
             # the state's arrays exist from the start (zeros, as the first update would make
             # them): a resumed or synchronised run fills in the same tree on every rank
             opt.init({_flat(name): p[key] for name, p in self.params.items()})
@@ -370,17 +370,28 @@ class Trainer:
         trained = [k for k, on in (("tables", self.train_tables), ("latent", self.train_weights)) if on]
         return 4 * (3 + sum(int(p[k].size) for p in self.params.values() for k in trained))
 
+    def _optimizers(self) -> list[tuple[str, optim.Optimizer]]:
+        """(parameter key, optimizer) of each group that trains."""
+        groups = (("tables", self.opt_tables, self.train_tables), ("latent", self.opt_weights, self.train_weights))
+        return [(key, opt) for key, opt, on in groups if on]
+
     def sync(self) -> None:
-        """Every rank takes rank 0's trainable arrays, assignments, optimizer state, step and loss
-        scale: the ranks start (or resume) from one state, whatever each computed or loaded."""
+        """Every rank takes rank 0's trained arrays, assignments, optimizer state, step and loss
+        scale: the ranks start (or resume) from one state, whatever each computed or loaded.
+        Latent weights that do not train are the loaded model's own on every rank: not sent."""
         if self.world.size == 1:
             return
-        arrays = self.world.broadcast(self.state())
+        trained = [key for key, _ in self._optimizers()]
+        send = {
+            k: v for k, v in self.state().items()
+            if k.rsplit(".", 1)[-1] in (*trained, "indices", "tables") or k.startswith(tuple(f"opt.{t}." for t in trained))
+        }  # fmt: skip
+        arrays = self.world.broadcast(send)
         for name, p in self.params.items():
             for key in ("tables", "latent"):
-                p[key] = arrays[f"{name}.{key}"]
+                p[key] = arrays.get(f"{name}.{key}", p[key])
             self.indices[name] = arrays[f"{name}.indices"]
-        for key, opt in (("tables", self.opt_tables), ("latent", self.opt_weights)):
+        for key, opt in self._optimizers():
             prefix = f"opt.{key}."
             opt.state = tree_unflatten([(k[len(prefix) :], v) for k, v in arrays.items() if k.startswith(prefix)])
         scaler = self.scaler.state() if self.scaler else {"scale": 0.0, "clean": 0, "overflows": 0, "steps": 0}
