@@ -17,11 +17,12 @@ from mlx_lm.utils import load as mlx_lm_load
 from anemll_mlx.errors import CorruptModelError, UnsupportedError
 from anemll_mlx.export.plan import layer_bytes, weight_bytes
 from anemll_mlx.loading import load
+from anemll_mlx.loading.gguf import read_gguf
 from anemll_mlx.models import build_model
 from anemll_mlx.ops.vocabulary import ExpertLinear
 from anemll_mlx.quant.lut import parse_lut_spec
 from cli_runner import assert_one_error, run_cli
-from gguf_writer import tensor, write_gguf
+from gguf_writer import dequantize, tensor, write_gguf
 from test_gguf import bpe_metadata
 
 PROMPT_IDS = [5, 17, 99, 230, 41, 8, 300, 12, 77, 150, 64, 3, 201, 9]
@@ -103,9 +104,10 @@ def test_stacked_checkpoint_loads_the_same_model(tiny_models, tmp_path):
     np.testing.assert_array_equal(logits(load(folder).model), logits(lm.model))
 
 
-def qwen3moe_gguf(folder: Path, path: Path) -> Path:
+def qwen3moe_gguf(folder: Path, path: Path, experts_type: str = "F32") -> Path:
     """What llama.cpp's converter writes for the tiny qwen3_moe folder: its names, the experts
-    stacked (experts, out, in), the expert keys; a dense layer keeps ffn_gate/up/down."""
+    stacked (experts, out, in) as ``experts_type``, the expert keys; a dense layer keeps
+    ffn_gate/up/down."""
     config = json.loads((folder / "config.json").read_text())
     hf = {k: np.array(v) for k, v in mx.load(str(folder / "model.safetensors")).items()}
     names = {
@@ -142,7 +144,8 @@ def qwen3moe_gguf(folder: Path, path: Path) -> Path:
         f"{arch}.expert_feed_forward_length": config["moe_intermediate_size"],
         **bpe_metadata(pre="qwen2"),
     }
-    return write_gguf(path, meta, {name: tensor(w) for name, w in out.items()})
+    types = {name: experts_type if "_exps" in name else "F32" for name in out}
+    return write_gguf(path, meta, {name: tensor(w, types[name]) for name, w in out.items()})
 
 
 def test_gguf_with_llama_cpp_names_gives_mlx_lm_logits(tiny_models, tmp_path):
@@ -155,6 +158,20 @@ def test_gguf_with_llama_cpp_names_gives_mlx_lm_logits(tiny_models, tmp_path):
     theirs = np.array(peer(mx.array([PROMPT_IDS]), cache=make_prompt_cache(peer)))
     ours = logits(lm.model)
     assert np.abs(ours - theirs).max() <= 1e-4 * np.abs(theirs).max()
+
+
+def test_gguf_q8_0_experts_dequantize_as_ggml_does(tiny_models, tmp_path):
+    """Block-quantized 3-D expert tensors: each expert's rows dequantized as ggml's reference does."""
+    path = qwen3moe_gguf(tiny_models["qwen3_moe"], tmp_path / "q8.gguf", experts_type="Q8_0")
+    weights = read_gguf(path).weights
+    hf = mx.load(str(tiny_models["qwen3_moe"] / "model.safetensors"))
+    stacked = np.stack([np.array(hf[f"model.layers.2.mlp.experts.{e}.down_proj.weight"]) for e in range(8)])
+    stored = tensor(stacked, "Q8_0")
+    expected = dequantize(stored.type, stored.data, stored.shape)
+    ours = np.array(weights["model.layers.2.mlp.switch_mlp.down_proj.weight"])
+    assert ours.shape == (8, 64, 32)
+    np.testing.assert_allclose(ours, expected, rtol=1e-6, atol=1e-7)
+    assert 0 < np.abs(ours - stacked).max() < 0.01  # really quantized
 
 
 # --- what the family declares -------------------------------------------------------------------------
