@@ -70,6 +70,12 @@ def test_more_experts_per_token_than_experts_is_refused():
         build_model(config)
 
 
+def test_qat_of_stacked_experts_is_refused_before_loading(tiny_models, tmp_path):
+    result = run_cli("qat", tiny_models["qwen3_moe"], "--out", tmp_path / "ckpt", "--steps", "1")
+    assert_one_error(result, "qat of a mixture-of-experts model")
+    assert not (tmp_path / "ckpt").exists()
+
+
 # --- loading ---------------------------------------------------------------------------------------
 
 
