@@ -51,13 +51,16 @@ MODELS: dict[str, tuple[str, dict]] = {
     # embedding padded past the tokenizer (as real Qwen checkpoints are): 500 = 167 + 167 + 166
     "qwen2": ("qwen2", {"vocab_size": 500}),
     "qwen3": ("qwen3", {}),
+    # 4 layers (routed, dense, routed, routed), 8 experts, top-4, renormalised top-k weights
+    "qwen3_moe": ("qwen3_moe", {}),
+    "qwen3_moe_unnormed": ("qwen3_moe", {"norm_topk_prob": False}),
     # one sliding and one global layer, window larger than the context (the single-state layout);
     # exports with context > window are covered by tests/test_export_gemma.py
     "gemma3": ("gemma3", {"num_hidden_layers": 2, "sliding_window_pattern": 2, "sliding_window": 128}),
     "llama1": ("llama", {"num_hidden_layers": 1}),  # the cheapest export: CLI, interruptions
     "gemma3_window8": ("gemma3", {}),  # default tiny gemma3: sliding window 8
 }
-FAMILIES = ("llama", "llama3_rope", "llama_tied", "qwen2", "qwen3", "gemma3")
+FAMILIES = ("llama", "llama3_rope", "llama_tied", "qwen2", "qwen3", "qwen3_moe", "gemma3")
 # llama's exports share Q-chunking of 4 rows in a 16-token prefill batch (default would be 8)
 FAMILY_OPTIONS = {"llama": {"attention_chunk": 4}}
 
@@ -234,6 +237,15 @@ def test_lut_export_equals_the_mlx_model_with_the_same_luts(cache):
     assert s["kl_mean"] < quantization.summary["kl_mean"] / 10, (s["kl_mean"], quantization.summary["kl_mean"])
 
 
+@pytest.mark.slow
+def test_qwen3_moe_lut_export_equals_the_mlx_model_with_the_same_luts(cache):
+    """The stacked experts' LUTs are laid out alike in MLX (``apply_lut``) and in the export: against
+    the LUT model the LUT export is as close as the FP16 export is to fp32."""
+    model, out = cache.model("qwen3_moe"), cache.family("qwen3_moe", lut="8")
+    s = compare_export(model, out, ref_spec=f"mlx:{model}+lut=8")
+    assert s["kl_mean"] < 1e-3 and s["max_abs_diff"] < 0.15 and s["match_rate"] == 1.0, s
+
+
 def test_gemma3_context_past_a_window_the_batch_does_not_divide_is_refused(cache, tmp_path):
     lm = load(cache.model("gemma3_window8"), "float32")
     with pytest.raises(UserError, match="sliding window 8"):
@@ -265,6 +277,28 @@ def test_two_and_three_chunks_give_the_logits_of_one(cache):
         assert meta["anemll_mlx"]["chunk_layers"] == layers
         assert len(list(out.glob("llama_FFN_PF_chunk_*of0*.mlpackage"))) == chunks
         # the same fp16 ops in the same order: a chunk boundary only passes fp16 hidden states on
+        diff = float(np.abs(_logits_run(out, ids, 4) - one).max())
+        assert diff <= 1e-3, f"{chunks} chunks: max |logit diff| {diff}"
+
+
+@pytest.mark.slow
+def test_qwen3_moe_without_norm_topk_prob_matches_mlx_fp32(cache):
+    """The top-k softmax weights used as they are (no renormalisation), FP16 as tight as above."""
+    s = compare_export(cache.model("qwen3_moe_unnormed"), cache.export("qwen3_moe_unnormed"))
+    assert s["kl_mean"] < 1e-3 and s["match_rate"] == 1.0 and s["max_abs_diff"] < 0.15, s
+
+
+@pytest.mark.slow
+def test_qwen3_moe_two_and_three_chunks_give_the_logits_of_one(cache):
+    """The MoE layers chunked as the dense ones: 4 layers in 1, 2 ([0-1], [2-3]) and 3 chunks."""
+    ids = long_ids(cache.model("qwen3_moe"), 21)
+    one = _logits_run(cache.export("qwen3_moe"), ids, 4)
+    assert np.isfinite(one).all()
+    for chunks, layers in ((2, [[0, 2], [2, 4]]), (3, [[0, 2], [2, 3], [3, 4]])):
+        out = cache.export("qwen3_moe", chunk=chunks)
+        meta = yaml.safe_load((out / "meta.yaml").read_text())
+        assert meta["model_info"]["parameters"]["num_chunks"] == chunks
+        assert meta["anemll_mlx"]["chunk_layers"] == layers
         diff = float(np.abs(_logits_run(out, ids, 4) - one).max())
         assert diff <= 1e-3, f"{chunks} chunks: max |logit diff| {diff}"
 

@@ -228,7 +228,7 @@ def test_unsupported_tensor_type_names_tensor_type_and_supported_list(tmp_path: 
 
 def test_unknown_architecture(tmp_path: Path) -> None:
     path = write_gguf(tmp_path / "phi.gguf", model_metadata("phi3"), {})
-    with pytest.raises(UnsupportedError, match=r"'phi3'.*llama, qwen2, qwen3, gemma3"):
+    with pytest.raises(UnsupportedError, match=r"'phi3'.*llama, qwen2, qwen3, qwen3moe, gemma3"):
         read_gguf(path)
 
 

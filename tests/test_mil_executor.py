@@ -336,6 +336,12 @@ NUMPY_CASES = [
         lambda x: np_conv(x, W1x1, BIAS6),
         id="conv-1x1",
     ),  # fmt: skip
+    pytest.param(  # the experts of a mixture-of-experts layer: each group reads its own channels
+        lambda x: mb.conv(x=x, weight=W1x1[:, :2], bias=BIAS6, groups=2),
+        {"x": f32(2, 4, 1, 5)},
+        lambda x: np_conv(x, W1x1[:, :2], BIAS6, groups=2),
+        id="conv-1x1-groups",
+    ),  # fmt: skip
     pytest.param(
         lambda x: mb.conv(x=x, weight=W1x1[:, :, 0], bias=BIAS6),
         {"x": f32(2, 4, 5)},

@@ -101,17 +101,37 @@ def test_cached_decode_steps_match_mlx_lm(tiny_models, arch):
 
 @pytest.mark.parametrize(
     ("arch", "change"),
-    [("llama3_rope", {"rope_scaling": None}), ("gemma3", {"sliding_window": 256})],
+    [
+        ("llama3_rope", {"rope_scaling": None}),
+        ("gemma3", {"sliding_window": 256}),
+        ("qwen3_moe", {"norm_topk_prob": False}),
+        ("qwen3_moe", {"num_experts_per_tok": 8}),  # every expert, no routing
+    ],
 )
 def test_comparison_sees_rope_scaling_and_sliding_window(tiny_model_factory, tiny_models, arch, change):
-    """The tolerance is tight enough to notice a missing llama3 RoPE scaling or a missing sliding
-    window: the same weights with that feature switched off are far from mlx-lm's logits."""
+    """The tolerance is tight enough to notice a missing llama3 RoPE scaling, a missing sliding
+    window, or routing done otherwise (no renormalisation of the top-k weights, no top-k): the same
+    weights with that feature switched off are far from mlx-lm's logits."""
     lm = load(tiny_model_factory(arch, **change), "float32")  # same seed, so the same weights
     peer, _ = mlx_lm_load(str(tiny_models[arch]))
     ids = prompt_ids(lm)
     ours = lm.model(mx.array([ids]), lm.model.make_cache(64), 0)
     theirs = peer(mx.array([ids]), cache=make_prompt_cache(peer))
     assert relative_max_diff(ours, theirs) > 100 * REL_TOL
+
+
+def test_qwen3_moe_without_norm_topk_prob_matches_mlx_lm(tiny_model_factory):
+    """norm_topk_prob false (the top-k softmax weights used as they are), prompt and cached steps."""
+    lm, peer, _ = load_pair(tiny_model_factory("qwen3_moe", norm_topk_prob=False))
+    ids = prompt_ids(lm)
+    cache, peer_cache = lm.model.make_cache(64), make_prompt_cache(peer)
+    ours = [lm.model(mx.array([ids[:12]]), cache, 0)]
+    theirs = [peer(mx.array([ids[:12]]), cache=peer_cache)]
+    for pos in range(12, len(ids)):
+        ours.append(lm.model(mx.array([[ids[pos]]]), cache, pos))
+        theirs.append(peer(mx.array([[ids[pos]]]), cache=peer_cache))
+    diff = relative_max_diff(mx.concatenate(ours, axis=1), mx.concatenate(theirs, axis=1))
+    assert diff <= REL_TOL, f"relative max diff {diff:.2e}"
 
 
 # --- greedy generation --------------------------------------------------------------------------

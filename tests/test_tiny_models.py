@@ -112,6 +112,19 @@ def test_arch_specifics(tiny_models):
     assert cfg["head_dim"] != cfg["hidden_size"] // cfg["num_attention_heads"]
     assert w["model.layers.0.self_attn.q_norm.weight"].shape == (cfg["head_dim"],)
 
+    # qwen3_moe: per-expert tensors as HF stores them (mlx-lm stacks them); layer 1 dense
+    w, _ = tensors("qwen3_moe")
+    cfg = json.loads((tiny_models["qwen3_moe"] / "config.json").read_text())
+    assert cfg["mlp_only_layers"] == [1] and cfg["norm_topk_prob"]
+    assert cfg["num_experts_per_tok"] < cfg["num_experts"]
+    for i in range(cfg["num_hidden_layers"]):
+        p = f"model.layers.{i}.mlp."
+        assert (p + "gate.weight" in w) == (i != 1)
+        assert (p + "gate_proj.weight" in w) == (i == 1)
+    experts = [k for k in w if k.startswith("model.layers.0.mlp.experts.") and k.endswith("down_proj.weight")]
+    assert len(experts) == cfg["num_experts"]
+    assert w["model.layers.0.mlp.experts.7.down_proj.weight"].shape == (cfg["hidden_size"], cfg["moe_intermediate_size"])
+
     w, _ = tensors("gemma3")
     cfg = json.loads((tiny_models["gemma3"] / "config.json").read_text())
     assert set(cfg["layer_types"]) == {"sliding_attention", "full_attention"}

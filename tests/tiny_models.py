@@ -20,6 +20,12 @@ Architectures (``ARCHS``):
 - ``llama_tied``: SmolLM2-like, tied embeddings (no ``lm_head.weight`` in the file), no BOS.
 - ``qwen2``: q/k/v biases (non-zero), tied, rope_theta 1e6, ``use_sliding_window`` false.
 - ``qwen3``: q_norm/k_norm, explicit ``head_dim`` 32 != hidden/heads (16), untied.
+- ``qwen3_moe``: qwen3 plus routed experts: 4 layers, 8 experts of moe_intermediate_size 32, top-4
+  with ``norm_topk_prob``, ``mlp_only_layers`` [1] (layer 1 keeps the dense MLP); per-expert
+  tensors ``mlp.experts.N.*`` and the router ``mlp.gate`` as Hugging Face checkpoints store them.
+  Top-4, not top-2: a router whose k-th and (k+1)-th logits are nearly tied picks another expert
+  under a tiny perturbation (fp16, LUT weights), and with top-2 of 8 the expert swapped in or
+  out carries a large weight (measured, LUT 8: KL 1.5e-2 at top-2, 2e-4 at top-4).
 - ``gemma3``: ``gemma3_text``, 7 layers (5 sliding, 1 global, 1 sliding), sliding_window 8,
   query_pre_attn_scalar 24 (!= head_dim), four norms per layer plus q/k norms, norms stored
   as offsets from 1 (the model applies ``1 + w``), tied, BOS added by the tokenizer.
@@ -51,7 +57,7 @@ __all__ = [
     "write_corrupt_copies",
 ]
 
-ARCHS = ("llama", "llama3_rope", "llama_tied", "qwen2", "qwen3", "gemma3")
+ARCHS = ("llama", "llama3_rope", "llama_tied", "qwen2", "qwen3", "qwen3_moe", "gemma3")
 
 VOCAB_TARGET = 448
 
@@ -192,7 +198,7 @@ def _tok_spec(arch: str) -> dict[str, Any]:
             "template": CHATML_TEMPLATE,
             "gen_eos": ["<|im_end|>"],
         }
-    if arch in ("qwen2", "qwen3"):  # Qwen: no bos token at all
+    if arch in ("qwen2", "qwen3", "qwen3_moe"):  # Qwen: no bos token at all
         return {
             "specials": CHATML_SPECIALS,
             "bos": None,
@@ -284,6 +290,33 @@ def arch_config(arch: str, vocab_size: int, ids: dict[str, int | None]) -> dict[
             "bos_token_id": ids["endoftext"],
             "eos_token_id": eos_id,
         }
+    if arch == "qwen3_moe":
+        return {
+            "architectures": ["Qwen3MoeForCausalLM"],
+            "model_type": "qwen3_moe",
+            **_COMMON,
+            "num_hidden_layers": 4,
+            "rms_norm_eps": 1e-6,
+            "head_dim": 32,
+            "vocab_size": vocab_size,
+            "rope_theta": 1000000.0,
+            "rope_scaling": None,
+            "attention_bias": False,
+            "use_sliding_window": False,
+            "sliding_window": None,
+            "max_window_layers": 4,
+            "num_experts": 8,
+            "num_experts_per_tok": 4,
+            "moe_intermediate_size": 32,
+            "norm_topk_prob": True,
+            "decoder_sparse_step": 1,
+            "mlp_only_layers": [1],
+            "output_router_logits": False,
+            "router_aux_loss_coef": 0.001,
+            "tie_word_embeddings": False,
+            "bos_token_id": ids["endoftext"],
+            "eos_token_id": eos_id,
+        }
     if arch == "gemma3":
         cfg = {
             "architectures": ["Gemma3ForCausalLM"],
@@ -361,9 +394,18 @@ def _weights(cfg: dict[str, Any], seed: int) -> dict[str, np.ndarray]:
                 w[p + f"self_attn.{name}_proj.bias"] = (rng.standard_normal(n) * 0.2).astype(np.float32)
             if cfg["model_type"] != "qwen2":  # llama's attention_bias also covers o_proj
                 w[p + "self_attn.o_proj.bias"] = (rng.standard_normal(H) * 0.2).astype(np.float32)
-        if cfg["model_type"] == "qwen3" or gemma:
+        if cfg["model_type"] in ("qwen3", "qwen3_moe") or gemma:
             w[p + "self_attn.q_norm.weight"] = norm(hd)
             w[p + "self_attn.k_norm.weight"] = norm(hd)
+        if _is_sparse(cfg, i):
+            # router logits of std ~3: each token's weight goes mostly to a few experts
+            w[p + "mlp.gate.weight"] = linear(cfg["num_experts"], H, 3.0)
+            moe = cfg["moe_intermediate_size"]
+            for e in range(cfg["num_experts"]):
+                w[p + f"mlp.experts.{e}.gate_proj.weight"] = linear(moe, H)
+                w[p + f"mlp.experts.{e}.up_proj.weight"] = linear(moe, H)
+                w[p + f"mlp.experts.{e}.down_proj.weight"] = linear(H, moe)
+            continue
         w[p + "mlp.gate_proj.weight"] = linear(inter, H)
         w[p + "mlp.up_proj.weight"] = linear(inter, H)
         w[p + "mlp.down_proj.weight"] = linear(H, inter)
@@ -374,6 +416,16 @@ def _weights(cfg: dict[str, Any], seed: int) -> dict[str, np.ndarray]:
     if not cfg.get("tie_word_embeddings", False):
         w["lm_head.weight"] = (rng.standard_normal((V, H)) * 0.3).astype(np.float32)
     return w
+
+
+def _is_sparse(cfg: dict[str, Any], layer: int) -> bool:
+    """Whether a qwen3_moe layer routes over experts (Hugging Face's rule)."""
+    return (
+        cfg["model_type"] == "qwen3_moe"
+        and cfg["num_experts"] > 0
+        and layer not in cfg["mlp_only_layers"]
+        and (layer + 1) % cfg["decoder_sparse_step"] == 0
+    )
 
 
 def _save(path: Path, weights: dict[str, np.ndarray | mx.array]) -> None:

@@ -20,7 +20,7 @@ from rich.console import Console
 from rich.table import Table
 
 from . import interrupts
-from .errors import BadArgumentError, UserError
+from .errors import BadArgumentError, UnsupportedError, UserError
 
 # coremltools warns at import about its macOS-only bindings and prints a progress bar per pass
 # pipeline; transformers (pulled in by coremltools' optional paths) announces torch is absent.
@@ -755,7 +755,9 @@ def qat(
             for target in skeleton.lut_targets():  # a group size the weights cannot take fails now
                 spec = settings.lut[target.part]
                 if spec is not None:
-                    spec.num_groups(target.holder.weight.shape[0])
+                    spec.num_groups(target.rows)
+                    if target.holder.weight.ndim != 2:
+                        raise UnsupportedError(f"qat of a mixture-of-experts model ({target.name}) is not supported yet")
             if world.main:
                 check_resume(Path(out), resume, settings)
             if kd_cache_dir is not None:

@@ -38,7 +38,13 @@ PARTS = ("embeddings", "ffn", "lm_head")  # the one name of each part: CLI, libr
 ANEMLL_LUT_NAMES = {"embeddings": "embeddings", "ffn": "ffn", "lm_head": "lmhead"}  # meta.yaml lut_{name}
 
 # model_type -> what ANEMLL calls the architecture (meta.yaml, and the default file prefix)
-ARCHITECTURES = {"llama": "llama", "qwen3": "qwen", "qwen2": "qwen25", "gemma3_text": "gemma3"}
+ARCHITECTURES = {
+    "llama": "llama",
+    "qwen3": "qwen",
+    "qwen2": "qwen25",
+    "gemma3_text": "gemma3",
+    "qwen3_moe": "qwen3_moe",  # ANEMLL 0.3.5 has no mixture-of-experts family: this name is ours
+}
 
 
 # --- file stems ---------------------------------------------------------------------------------

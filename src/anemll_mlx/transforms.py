@@ -25,7 +25,7 @@ import mlx.core as mx
 import numpy as np
 
 from .errors import BadArgumentError, UnsupportedError
-from .models.base import DecoderModel
+from .models.base import DecoderModel, lut_matrix
 from .ops.vocabulary import Embedding, Linear, Norm
 from .quant.lut import LUTConfig, LUTWeight, fit_lut
 
@@ -93,7 +93,7 @@ def apply_lut(model: DecoderModel, config: LUTConfig) -> DecoderModel:
                 "cannot be applied in MLX (the export quantizes the two copies separately)"
             )
         holder = target.holder
-        dense = fit_lut(holder.weight, spec).dequantize()
+        dense = fit_lut(lut_matrix(holder.weight), spec).dequantize().reshape(holder.weight.shape)
         holder.weight = mx.array(dense).astype(holder.weight.dtype)
     mx.eval(model.parameters())
     model.lut = config

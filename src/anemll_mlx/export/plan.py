@@ -41,7 +41,7 @@ def layer_bytes(model: DecoderModel, layer: int, lut: LUTSpec | None) -> int:
         for target in model.lut_targets():
             if target.part == "ffn" and target.layer == layer:
                 w = target.holder.weight
-                total += weight_bytes(w.size, w.shape[0], lut) - 2 * w.size
+                total += weight_bytes(w.size, target.rows, lut) - 2 * w.size
     return total
 
 

@@ -27,7 +27,7 @@ import mlx.core as mx
 import numpy as np
 
 from ..errors import BadArgumentError
-from ..models.base import DecoderModel, LUTTarget
+from ..models.base import DecoderModel, LUTTarget, lut_matrix
 from ..ops.mil_ops import shared_const, to_numpy
 from ..ops.vocabulary import Embedding, Linear
 from ..quant.lut import LUTConfig, LUTSpec, LUTWeight, fit_lut, lut_to_mil
@@ -209,8 +209,9 @@ def _give_back_freed_memory() -> None:
 
 
 def _rows(holder: Linear | Embedding, rows: range | None) -> np.ndarray:
+    """The weight (those ``rows`` of it) as the float32 matrix its LUT is fitted to."""
     weight = holder.weight if rows is None else holder.weight[rows.start : rows.stop]
-    return to_numpy(weight, np.float32)
+    return to_numpy(lut_matrix(weight), np.float32)
 
 
 def _mil_name(key: str) -> str:

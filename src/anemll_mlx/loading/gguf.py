@@ -40,7 +40,7 @@ from tokenizers import AddedToken, Regex, decoders, models, normalizers, pre_tok
 from ..errors import CorruptModelError, ModelNotFoundError, UnsupportedError
 
 SUPPORTED_GGUF_TYPES = ("F32", "F16", "BF16", "Q4_0", "Q4_1", "Q8_0")
-SUPPORTED_ARCHITECTURES = ("llama", "qwen2", "qwen3", "gemma3")
+SUPPORTED_ARCHITECTURES = ("llama", "qwen2", "qwen3", "qwen3moe", "gemma3")
 
 # ggml's type ids (ggml.h ``enum ggml_type``); gaps are ids ggml removed.
 GGML_TYPE_NAMES: dict[int, str] = {
@@ -280,7 +280,13 @@ def check_tensors(path: Path, header: GGUFHeader) -> None:
 
 # --- config -------------------------------------------------------------------------------------
 
-_MODEL_TYPES = {"llama": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "gemma3": "gemma3_text"}
+_MODEL_TYPES = {
+    "llama": "llama",
+    "qwen2": "qwen2",
+    "qwen3": "qwen3",
+    "qwen3moe": "qwen3_moe",
+    "gemma3": "gemma3_text",
+}
 
 
 def architecture(path: Path, metadata: dict[str, Any]) -> str:
@@ -335,6 +341,19 @@ def hf_config(path: Path, header: GGUFHeader) -> dict:
         config["attention_bias"] = True
     if arch == "gemma3":
         config.update(_gemma3_config(path, meta, config))
+    if arch == "qwen3moe":
+        config.update(
+            num_experts=required("expert_count"),
+            num_experts_per_tok=required("expert_used_count"),
+            moe_intermediate_size=required("expert_feed_forward_length"),
+            # llama.cpp's qwen3moe graph always renormalises the top-k weights (build_moe_ffn's norm_w)
+            norm_topk_prob=True,
+            decoder_sparse_step=1,
+            # llama.cpp routes every layer; a block with a plain ffn_gate instead of a router is dense
+            mlp_only_layers=[
+                i for i in range(config["num_hidden_layers"]) if f"blk.{i}.ffn_gate_inp.weight" not in header.tensors
+            ],
+        )
     return config
 
 
@@ -469,6 +488,15 @@ _GEMMA3_BLOCK_NAMES = {
     "ffn_norm": "pre_feedforward_layernorm",
     "post_ffw_norm": "post_feedforward_layernorm",
 }
+# Qwen3-MoE: the router and the experts, stacked (experts, out, in) as mlx-lm holds them.
+_QWEN3MOE_BLOCK_NAMES = {
+    **_BLOCK_NAMES,
+    "ffn_gate_inp": "mlp.gate",
+    "ffn_gate_exps": "mlp.switch_mlp.gate_proj",
+    "ffn_up_exps": "mlp.switch_mlp.up_proj",
+    "ffn_down_exps": "mlp.switch_mlp.down_proj",
+}
+_BLOCK_TABLES = {"gemma3": _GEMMA3_BLOCK_NAMES, "qwen3moe": _QWEN3MOE_BLOCK_NAMES}
 _TOP_NAMES = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
 _CONFIG_TENSORS = {"rope_freqs.weight"}  # read into config["rope_scaling"], not a weight
 _BLOCK_TENSOR = re.compile(r"blk\.(\d+)\.(\w+)\.(weight|bias)")
@@ -479,7 +507,7 @@ def hf_name(name: str, arch: str) -> str | None:
     """HF name of a GGUF tensor, or None when HF has no such tensor."""
     if m := _BLOCK_TENSOR.fullmatch(name):
         layer, part, kind = m.groups()
-        table = _GEMMA3_BLOCK_NAMES if arch == "gemma3" else _BLOCK_NAMES
+        table = _BLOCK_TABLES.get(arch, _BLOCK_NAMES)
         return f"model.layers.{layer}.{table[part]}.{kind}" if part in table else None
     if (m := _TOP_TENSOR.fullmatch(name)) and m.group(1) in _TOP_NAMES:
         return f"{_TOP_NAMES[m.group(1)]}.{m.group(2)}"

@@ -7,7 +7,7 @@ loading/gguf.py if it loads from GGUF).
 from __future__ import annotations
 
 from ..errors import UnsupportedError
-from . import gemma3, llama
+from . import gemma3, llama, qwen3_moe
 from .base import BaseArgs, DecoderModel
 
 # model_type -> (hyper-parameter class, model class)
@@ -15,6 +15,7 @@ ARCHITECTURES: dict[str, tuple[type[BaseArgs], type[DecoderModel]]] = {
     "llama": (llama.LlamaArgs, llama.Model),
     "qwen2": (llama.Qwen2Args, llama.Model),
     "qwen3": (llama.Qwen3Args, llama.Model),
+    "qwen3_moe": (qwen3_moe.Qwen3MoeArgs, qwen3_moe.Model),
     "gemma3_text": (gemma3.Gemma3Args, gemma3.Model),
 }
 SUPPORTED = tuple(ARCHITECTURES) + ("gemma3",)

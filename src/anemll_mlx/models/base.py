@@ -162,6 +162,19 @@ class LUTTarget(NamedTuple):
     holder: Linear | Embedding
     layer: int | None = None  # the decoder layer of an "ffn" weight
 
+    @property
+    def rows(self) -> int:
+        """The output channels a LUT groups: the rows of the weight as a matrix (for stacked
+        experts, experts x out: LUTs fit ``lut_matrix`` of the weight)."""
+        shape = self.holder.weight.shape
+        return self.holder.weight.size // shape[-1]
+
+
+def lut_matrix(weight: Any) -> Any:
+    """A LUT target's weight as the matrix a LUT is fitted to: a stack of experts (E, out, in)
+    becomes its E * out rows; a Linear or an Embedding is already one."""
+    return weight if weight.ndim == 2 else weight.reshape(-1, weight.shape[-1])
+
 
 class DecoderModel(nn.Module):
     """Embedding, a stack of blocks, final norm and LM head, callable piecewise.

@@ -32,7 +32,7 @@ import numpy as np
 from coremltools.converters.mil import Builder as mb
 from coremltools.converters.mil.mil.block import curr_block
 
-from .vocabulary import Embedding, Linear, Norm, RoPE, Step
+from .vocabulary import Embedding, Experts, Linear, Norm, RoPE, Step
 
 
 def to_numpy(a: mx.array, dtype=np.float16) -> np.ndarray:
@@ -186,6 +186,39 @@ class MILOps:
 
     def gelu_tanh(self, x):
         return mb.gelu(x=x, mode="TANH_APPROXIMATION")
+
+    # --- mixture of experts
+
+    def route(self, logits, top_k: int, renormalize: bool):
+        """Softmax, times a mask of the logits at least the k-th largest (topk's values), divided
+        by its sum when renormalising: static shapes, no gather."""
+        E = logits.shape[-1]
+        weights = mb.softmax(x=logits, axis=-1)
+        if top_k < E:
+            values = mb.topk(x=logits, k=top_k, axis=-1)[0]
+            kth = mb.reduce_min(x=values, axes=[-1], keep_dims=True)
+            chosen = mb.cast(x=mb.greater_equal(x=logits, y=kth), dtype="fp16")
+            weights = mb.mul(x=weights, y=chosen)
+        if renormalize:
+            weights = mb.real_div(x=weights, y=mb.reduce_sum(x=weights, axes=[-1], keep_dims=True))
+        return weights
+
+    def experts(self, x, experts: Experts, weights, layer: int):
+        """All experts as three 1x1 convs over (B, C, 1, T): gate and up with every expert's rows
+        stacked (E * hidden outputs), the hidden units weighted per expert, down as a conv of E
+        groups (expert e reads its own hidden units), the E outputs summed."""
+        E, hidden_size, dims = experts.gate_proj.weight.shape
+        B, T, _ = x.shape
+        x4 = self.channels_first(x)
+        stacked = (E * hidden_size, dims, 1, 1)
+        gate = mb.conv(x=x4, weight=self.weight_for("ffn", experts.gate_proj, stacked, None))
+        up = mb.conv(x=x4, weight=self.weight_for("ffn", experts.up_proj, stacked, None))
+        hidden = mb.reshape(x=mb.mul(x=mb.silu(x=gate), y=up), shape=[B, E, hidden_size, T])
+        per_expert = mb.expand_dims(x=mb.transpose(x=weights, perm=[0, 2, 1]), axes=[2])  # (B, E, 1, T)
+        hidden = mb.reshape(x=mb.mul(x=hidden, y=per_expert), shape=[B, E * hidden_size, 1, T])
+        down = self.weight_for("ffn", experts.down_proj, (E * dims, hidden_size, 1, 1), None)
+        y = mb.reshape(x=mb.conv(x=hidden, weight=down, groups=E), shape=[B, E, dims, T])
+        return mb.transpose(x=mb.reduce_sum(x=y, axes=[1]), perm=[0, 2, 1])
 
     # --- shapes
 

@@ -20,7 +20,7 @@ from typing import Any
 
 import mlx.core as mx
 
-from .vocabulary import Embedding, Linear, Norm, RoPE, Step
+from .vocabulary import Embedding, Experts, Linear, Norm, RoPE, Step
 
 HALF = (mx.float16, mx.bfloat16)
 
@@ -105,6 +105,32 @@ class MLXOps:
         if self.widen_half and x.dtype in HALF:
             return fn(x.astype(mx.float32)).astype(x.dtype)
         return fn(x)
+
+    # --- mixture of experts
+
+    def route(self, logits: mx.array, top_k: int, renormalize: bool) -> mx.array:
+        """Softmax of the router logits, zero outside the top_k, renormalised over them if asked;
+        in float32, rounded once to the logits' dtype."""
+        wide = logits.astype(mx.float32)
+        kth = mx.min(mx.topk(wide, top_k, axis=-1), axis=-1, keepdims=True)
+        chosen = (wide >= kth).astype(mx.float32)
+        weights = mx.softmax(wide, axis=-1, precise=True) * chosen
+        if renormalize:
+            weights = weights / mx.sum(weights, axis=-1, keepdims=True)
+        return weights.astype(logits.dtype)
+
+    def experts(self, x: mx.array, experts: Experts, weights: mx.array, layer: int) -> mx.array:
+        """Every expert on every token (dense mode): gate and up of all experts as one product with
+        their stacked rows, the hidden activations weighted per expert, then down_proj of all
+        experts as one product over the experts' hidden units laid side by side."""
+        E, hidden_size, dims = experts.gate_proj.weight.shape
+        B, T, _ = x.shape
+        gate = self.matmul(x, experts.gate_proj.weight.reshape(E * hidden_size, dims).T)
+        up = self.matmul(x, experts.up_proj.weight.reshape(E * hidden_size, dims).T)
+        hidden = self.tap("mlp_hidden", layer, self.silu(gate) * up).reshape(B, T, E, hidden_size)
+        hidden = (hidden * weights[..., None].astype(hidden.dtype)).reshape(B, T, E * hidden_size)
+        down = experts.down_proj.weight.transpose(1, 0, 2).reshape(dims, E * hidden_size)
+        return self.matmul(hidden, down.T)
 
     # --- shapes
 

@@ -48,6 +48,33 @@ class Norm(nn.Module):
         self.eps = eps
 
 
+class ExpertLinear(Linear):
+    """The same projection of every expert, stacked: weight (experts, out, in), as mlx-lm's
+    ``SwitchLinear`` holds it.  A ``Linear`` so that what walks projections (LUT targets, the fp16
+    scale) finds the experts too; only the ``experts`` op reads it.  A LUT fits it as a matrix of
+    experts * out rows, so a group of output channels never spans two experts when the group size
+    divides ``out``."""
+
+    def __init__(self, experts: int, in_features: int, out_features: int):
+        nn.Module.__init__(self)
+        self.weight = mx.zeros((experts, out_features, in_features))
+
+
+class Experts(nn.Module):
+    """Routed experts, each a gated MLP down(silu(gate(x)) * up(x)), under mlx-lm's names
+    (``switch_mlp.{gate,up,down}_proj``)."""
+
+    def __init__(self, experts: int, dims: int, hidden: int):
+        super().__init__()
+        self.gate_proj = ExpertLinear(experts, dims, hidden)
+        self.up_proj = ExpertLinear(experts, dims, hidden)
+        self.down_proj = ExpertLinear(experts, hidden, dims)
+
+    @property
+    def count(self) -> int:
+        return self.gate_proj.weight.shape[0]
+
+
 class Embedding(nn.Module):
     """The token table (vocab, hidden)."""
 
@@ -174,6 +201,19 @@ class Ops(Protocol):
     def rope(self, x: Tensor, rope: RoPE, step: Step) -> Tensor: ...
 
     def attention(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, scale: float) -> Tensor: ...
+
+    def route(self, logits: Tensor, top_k: int, renormalize: bool) -> Tensor:
+        """Mixture-of-experts routing weights (B, T, experts) from router logits (B, T, experts):
+        the softmax, zero outside the ``top_k`` largest logits, and with ``renormalize`` divided by
+        its sum over them (the softmax of the selected logits alone).  Ties at the k-th value
+        select every tied expert (random weights never tie)."""
+        ...
+
+    def experts(self, x: Tensor, experts: Experts, weights: Tensor, layer: int) -> Tensor:
+        """Dense mixture of experts: every expert's gated MLP of ``x`` (B, T, C), weighted by
+        ``weights`` (B, T, experts; zero for unselected experts) and summed.  The weight multiplies
+        the expert's hidden activation (before ``down_proj``), which is the same sum."""
+        ...
 
     def tap(self, site: str, layer: int, x: Tensor) -> Tensor:
         """A named point of the forward (residual, attn_out, ...): identity, except for the probe."""

@@ -45,6 +45,9 @@ def quantized_targets(model: DecoderModel, lut: LUTConfig) -> list[LUTTarget]:
     """The LUT targets ``lut`` quantizes; a LUT on the embeddings or the LM head of a model with tied
     embeddings is refused (one table would serve two parts, which the export quantizes apart)."""
     targets = [t for t in model.lut_targets() if lut[t.part] is not None]
+    stacked = [t.name for t in targets if t.holder.weight.ndim != 2]
+    if stacked:
+        raise UnsupportedError(f"LUT checkpoints of stacked expert weights ({stacked[0]}) are not supported yet")
     if "lm_head" not in model and any(isinstance(t.holder, Embedding) for t in targets):
         raise UnsupportedError(
             "a LUT checkpoint cannot quantize the embeddings or the LM head of a model with tied "

@@ -222,6 +222,8 @@ class Trainer:
                 raise UnsupportedError(
                     "LUT training of the embeddings or the LM head needs untied weights (this model ties them)"
                 )
+            if target.holder.weight.ndim != 2:
+                raise UnsupportedError(f"LUT training of stacked expert weights ({target.name}) is not supported yet")
             if target.name not in luts:
                 raise BadArgumentError(f"no starting LUT for {target.name}")
             rows, columns = target.holder.weight.shape

@@ -64,26 +64,32 @@ def _sdpa(op: Operation, ctx: BuildContext) -> Kernel:
 
 @register("conv")
 def _conv(op: Operation, ctx: BuildContext) -> Kernel:
-    """1x1 convolutions only (the ANE's Linear over (B, C, 1, T) or (B, C, T)): nothing an LLM
+    """1x1 convolutions only (the ANE's Linear over (B, C, 1, T) or (B, C, T)), in ``groups``
+    independent blocks of channels (the experts of a mixture-of-experts layer): nothing an LLM
     export emits needs more, and a general conv would be code no export exercises."""
     n_spatial = op.x.rank - 2
     strides = [int(s) for s in ctx.param(op, "strides", [1] * n_spatial)]
     groups = int(scalar(ctx.param(op, "groups", 1)))
     pad = [int(p) for p in ctx.param(op, "pad", [0] * 2 * n_spatial)]
     kernel_size = [int(k) for k in op.weight.shape[2:]]
-    if any(k != 1 for k in kernel_size) or any(s != 1 for s in strides) or any(pad) or groups != 1:
+    if any(k != 1 for k in kernel_size) or any(s != 1 for s in strides) or any(pad):
         raise UnsupportedError(
-            f"op conv ({op.name}) in function {ctx.function}: only 1x1 convolutions with stride 1 and one "
-            f"group run here (kernel {kernel_size}, strides {strides}, groups {groups})"
+            f"op conv ({op.name}) in function {ctx.function}: only 1x1 convolutions with stride 1 run here "
+            f"(kernel {kernel_size}, strides {strides})"
         )
     w32 = ctx.host_matrix(op.weight)
-    w32 = settled(w32.reshape(w32.shape[0], -1))
+    out_channels = w32.shape[0]
+    # (groups, out / groups, in / groups): group g maps its input channels to its output channels
+    w32 = settled(w32.reshape(groups, out_channels // groups, -1) if groups > 1 else w32.reshape(out_channels, -1))
     bias = op.inputs.get("bias")
-    b32 = None if bias is None else settled(ctx.host_matrix(bias).reshape(-1, 1))
+    b32 = None if bias is None else settled(ctx.host_matrix(bias).reshape(w32.shape[:-1] + (1,)))
 
     def kernel(x: Array) -> Array:
         n, spatial = x.shape[0], x.shape[2:]
-        y = host_matmul(w32, x.reshape(n, x.shape[1], -1), b32)
-        return y.reshape(n, w32.shape[0], *spatial)
+        if groups == 1:
+            y = host_matmul(w32, x.reshape(n, x.shape[1], -1), b32)
+        else:
+            y = host_matmul(w32, x.reshape(n, groups, x.shape[1] // groups, -1), b32)
+        return y.reshape(n, out_channels, *spatial)
 
     return Kernel(kernel, (op.x,))
