@@ -68,7 +68,7 @@ def check_against_teacher(lm: LoadedModel, cache: KDCache, rows: list[int]) -> N
 def test_manifest_and_shards(built: KDCache, teacher: LoadedModel) -> None:
     m = json.loads((built.path / "manifest.json").read_text())
     assert m == built.manifest
-    assert m["format"] == FORMAT and m["version"] == 1 and m["complete"] is True
+    assert m["format"] == FORMAT and m["version"] == 2 and m["complete"] is True
     assert m["teacher"] == {"source": teacher.source, "sha256": teacher.content_sha256, "vocab_size": teacher.model.args.vocab_size}
     assert m["data"]["source"] == BUILT_IN and len(m["data"]["sha256"]) == 64
     assert (m["samples"], m["max_length"], m["top_k"], m["seed"]) == (70, L, K, 0)
@@ -84,9 +84,26 @@ def test_manifest_and_shards(built: KDCache, teacher: LoadedModel) -> None:
     assert lengths.min() >= 2 and lengths.max() <= L
     for r in range(64):
         assert not shard["tokens"][r, lengths[r] :].any()  # padded with 0
-    # 64 continuations of one prompt (a batch) share it and differ after it
-    assert len({tuple(row[: L // 2]) for row in shard["tokens"]}) == 1
+    # GROUP continuations of one prompt (a batch) share it and differ after it; a shard holds
+    # SHARD_SAMPLES / GROUP prompts, one after the other in the built-in training prompts' order
+    prompts = [tuple(row[: L // 2]) for row in shard["tokens"]]
+    groups = [set(prompts[i : i + kd_cache.GROUP]) for i in range(0, 64, kd_cache.GROUP)]
+    assert all(len(g) == 1 for g in groups) and len(set().union(*groups)) == 64 // kd_cache.GROUP
+    expected = [
+        tuple(teacher.tokenizer.encode_prompt(p, chat=True)[-(L // 2) :])
+        for p in kd_cache.training_prompts()[: 64 // kd_cache.GROUP]
+    ]
+    assert [next(iter(g)) for g in groups] == expected
     assert len({tuple(row) for row in shard["tokens"]}) > 60
+
+
+def test_training_prompts_are_many_kinds_and_never_the_eval_prompts() -> None:
+    from anemll_mlx.eval.prompts import default_prompts
+
+    prompts = kd_cache.training_prompts()
+    assert len(prompts) >= 64 and len(set(prompts)) == len(prompts)
+    assert not set(prompts) & set(default_prompts())
+    assert any("\u4e00" <= c <= "\u9fff" for p in prompts for c in p)  # Chinese among them
 
 
 def test_top_k_logits_are_the_teachers_own(built: KDCache, teacher: LoadedModel) -> None:

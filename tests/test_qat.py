@@ -15,7 +15,7 @@ from anemll_mlx.qat.checkpoint import ptq_luts
 from anemll_mlx.qat.fake_quant import TrainableLUT, nearest_indices
 from anemll_mlx.qat.kd_cache import KDCache, build_kd_cache
 from anemll_mlx.qat.losses import LossWeights, drift, kd_loss
-from anemll_mlx.qat.run import STATE_FILE, run_qat
+from anemll_mlx.qat.run import STATE_FILE, VALIDATION_SAMPLES, run_qat
 from anemll_mlx.qat.train import LossScale, QATSettings, Trainer
 from anemll_mlx.quant.lut import LUTConfig, LUTSpec, fit_lut
 from cli_runner import assert_one_error as _one_error
@@ -33,7 +33,8 @@ def llama(tiny_model_factory: Callable[..., Path]) -> Path:
 @pytest.fixture(scope="module")
 def kd(llama: Path, tmp_path_factory: pytest.TempPathFactory) -> KDCache:
     return build_kd_cache(
-        load(llama, "float32"), tmp_path_factory.mktemp("kd") / "cache", samples=64, max_length=L, top_k=K
+        # 4 built-in prompts x GROUP continuations; the held-out samples end the last prompt's run
+        load(llama, "float32"), tmp_path_factory.mktemp("kd") / "cache", samples=128, max_length=L, top_k=K
     )
 
 
@@ -137,7 +138,7 @@ def test_training_lowers_the_validation_drift(llama: Path, kd: KDCache, tmp_path
     ckpt = load(tmp_path / "ck", "float32")
     from anemll_mlx.qat.train import evaluate_model
 
-    kl, match = evaluate_model(ckpt.model, kd.validation(8))
+    kl, match = evaluate_model(ckpt.model, kd.validation(VALIDATION_SAMPLES))  # the run's own samples
     assert kl == pytest.approx(end["kl"], rel=1e-4) and match == pytest.approx(end["match"])
 
 

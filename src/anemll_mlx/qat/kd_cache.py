@@ -11,16 +11,17 @@ sample); the top 64 hold nearly all of the probability mass of a trained model.
 The text is the user's (``--data``: ``.txt`` cut into ``max_length``-token pieces, ``.jsonl``
 "text" likewise, "messages" rendered by the chat template and cut to ``max_length``, "prompt"
 chat-templated and continued by the teacher), or, without data, the teacher's own (as LLM-QAT
-does): seeded temperature-1 samples continuing the built-in calibration prompts through the chat
-template.  Never the eval prompts (``data/prompts.jsonl``): what ``compare`` measures must not be
-what the student was trained on.  A sampled continuation stops at the teacher's EOS (the EOS is
+does): seeded temperature-1 samples continuing the built-in training prompts
+(``data/training.jsonl``: ~100 chat, fact, code, math, writing and translation prompts in ten
+languages, in a fixed shuffled order) through the chat template.  Never the eval prompts
+(``data/prompts.jsonl``): what ``compare`` measures must not be what the student was trained on.  A sampled continuation stops at the teacher's EOS (the EOS is
 the sample's last token, so the target that predicts it is kept): past it a chat model writes the
 next turn, which is not what it is asked to do.  The logits the cache needs are exactly those the
 generation computes, so they are captured at each decode step, never recomputed; ``GROUP``
 continuations of one prompt run as one batch, sharing the prompt's prefill (a batch of different
 prompts would need left padding and masks the forward does not take).
 
-On disk (``FORMAT`` version 1), in ``DIR``::
+On disk (``FORMAT`` version 2), in ``DIR``::
 
     manifest.json           {"format", "version", "teacher": {"source", "sha256", "vocab_size"},
                              "data": {"source", "sha256"}, "samples", "max_length", "top_k",
@@ -39,6 +40,7 @@ import hashlib
 import json
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -49,21 +51,24 @@ from mlx.utils import tree_map
 from .. import interrupts
 from ..distributed import SINGLE, World
 from ..errors import BadArgumentError
+from ..eval.prompts import parse_prompts
 from ..loading import LoadedModel, files_sha256
 from ..models.base import BaseArgs, DecoderModel
 from ..output import MARKER, OutputFile, OutputFolder, marker_text
 from ..probe.calibrate import CalibrationSample, read_samples
-from ..probe.run import calibration_prompts
 
 FORMAT = "anemll-mlx-kd-cache"
-VERSION = 1
+VERSION = 2  # 2: data-free samples from data/training.jsonl, GROUP 16 (1: calibration prompts, 64)
 MANIFEST = "manifest.json"
 KIND = "kd-cache"
 BUILT_IN = "teacher samples from built-in prompts"
 # Continuations of one prompt per batched forward.  Measured on SmolLM2-135M (2 CPU cores, decode
-# at 128 positions): 107 ms/token at 1, 33 at 8, 18 at 16, 14 at 32, 10 at 64.  Changing it
-# changes which prompt and which random key each sample gets, hence the data: bump VERSION.
-GROUP = 64
+# at 128 positions): 107 ms/token at 1, 33 at 8, 18 at 16, 14 at 32, 10 at 64.  Fewer rows per
+# prompt mean more prompts per cache (the default 1024 samples: 32 prompts at 32, 4 at 64 with
+# 256), which is what the student generalises from; 32 keeps the default cache within ~27 min.
+# Changing it changes which prompt and which random key each sample gets: bump VERSION.
+GROUP = 32
+TRAINING = "training.jsonl"
 SHARD_SAMPLES = 64  # a multiple of GROUP: a batch never straddles two shards
 TEXT_BATCH = 8  # pieces of given text per forward: bounds its (B, L, vocab) float32 logits
 HELD_OUT_FRACTION = 8  # 1/8 of the samples (the last ones) are the validation set
@@ -472,7 +477,7 @@ def _plan(
 ) -> tuple[list[_Spec], str, str]:
     """The samples to make, the data's name and its sha256."""
     if not data:
-        prompts = calibration_prompts()
+        prompts = training_prompts()
         ids = [_prompt_ids(lm.tokenizer.encode_prompt(p, chat=True), max_length) for p in prompts]
         # batch b (GROUP samples) continues prompt b mod P with random key b
         specs = [_Spec(ids[(i // GROUP) % len(ids)], True, i // GROUP) for i in range(samples)]
@@ -489,6 +494,13 @@ def _plan(
     # each prompt gets its own random key: its number among the chosen samples
     specs = [_Spec(s.ids, s.sampled, i) for i, s in enumerate(specs)]
     return specs, ", ".join(str(p) for p in files), files_sha256(files)
+
+
+def training_prompts() -> list[str]:
+    """The built-in training prompts (data-free KD): many kinds of request in many languages, none
+    of them ``compare``'s eval prompts."""
+    text = resources.files("anemll_mlx").joinpath("data", TRAINING).read_text(encoding="utf-8")
+    return parse_prompts(text, f"anemll_mlx/data/{TRAINING}")
 
 
 def _pieces(lm: LoadedModel, sample: CalibrationSample, max_length: int) -> list[_Spec]:
