@@ -187,6 +187,12 @@ class MILOps:
     def gelu_tanh(self, x):
         return mb.gelu(x=x, mode="TANH_APPROXIMATION")
 
+    def gain(self, x, gain: Norm):
+        return mb.mul(x=x, y=self._vector(gain, "weight"))
+
+    def softcap(self, x, cap: float):
+        return mb.mul(x=mb.tanh(x=mb.mul(x=x, y=np.float16(1.0 / cap))), y=np.float16(cap))
+
     # --- mixture of experts
 
     def route(self, logits, top_k: int, renormalize: bool):
@@ -213,7 +219,8 @@ class MILOps:
         stacked = (E * hidden_size, dims, 1, 1)
         gate = mb.conv(x=x4, weight=self.weight_for("ffn", experts.gate_proj, stacked, None))
         up = mb.conv(x=x4, weight=self.weight_for("ffn", experts.up_proj, stacked, None))
-        hidden = mb.reshape(x=mb.mul(x=mb.silu(x=gate), y=up), shape=[B, E, hidden_size, T])
+        act = mb.silu(x=gate) if experts.activation == "silu" else mb.gelu(x=gate, mode="TANH_APPROXIMATION")
+        hidden = mb.reshape(x=mb.mul(x=act, y=up), shape=[B, E, hidden_size, T])
         per_expert = mb.expand_dims(x=mb.transpose(x=weights, perm=[0, 2, 1]), axes=[2])  # (B, E, 1, T)
         hidden = mb.reshape(x=mb.mul(x=hidden, y=per_expert), shape=[B, E * hidden_size, 1, T])
         down = self.weight_for("ffn", experts.down_proj, (E * dims, hidden_size, 1, 1), None)
