@@ -505,7 +505,7 @@ def _gemma4_weights(cfg: dict[str, Any], seed: int) -> dict[str, np.ndarray]:
         for name in ("input_layernorm", "post_attention_layernorm", "pre_feedforward_layernorm", "post_feedforward_layernorm"):
             w[p + name + ".weight"] = norm(H)
         w[p + "self_attn.q_proj.weight"] = linear(n_h * hd, H, gain=1.5)
-        w[p + "self_attn.q_norm.weight"] = norm(hd) * 2.0  # q/k norms set the (unscaled) logit size
+        w[p + "self_attn.q_norm.weight"] = norm(hd)
         if i < first_shared:
             w[p + "self_attn.k_proj.weight"] = linear(n_kv * hd, H, gain=1.5)
             w[p + "self_attn.k_norm.weight"] = norm(hd)
@@ -518,7 +518,8 @@ def _gemma4_weights(cfg: dict[str, Any], seed: int) -> dict[str, np.ndarray]:
         w[p + "mlp.down_proj.weight"] = linear(H, width)
         if cfg.get("enable_moe_block"):
             E, moe = cfg["num_experts"], cfg["moe_intermediate_size"]
-            w[p + "router.proj.weight"] = linear(E, H, gain=3.0)
+            # the router reads rms_norm(x) * scale / sqrt(hidden): logits of std ~3, as qwen3_moe's
+            w[p + "router.proj.weight"] = linear(E, H, gain=3.0 * np.sqrt(H))
             w[p + "router.scale"] = norm(H)
             w[p + "router.per_expert_scale"] = norm(E)
             w[p + "experts.gate_up_proj"] = linear(E, 2 * moe, H)

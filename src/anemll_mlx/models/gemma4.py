@@ -89,6 +89,8 @@ class Gemma4Args(BaseArgs):
             raise UnsupportedError(
                 f"gemma4 config key 'num_kv_shared_layers' = {self.num_kv_shared_layers} leaves no layer computing keys"
             )
+        for layer in range(self.first_shared(), self.num_hidden_layers):
+            self.kv_source(layer)  # a shared layer without a source is refused now, not at the first call
         if self.enable_moe_block:
             if not (self.num_experts > 0 and 1 <= self.top_k_experts <= self.num_experts and self.moe_intermediate_size > 0):
                 raise CorruptModelError(
@@ -186,7 +188,7 @@ class Attention(nn.Module):
             if not self.k_eq_v:
                 self.v_proj = Linear(H, self.n_kv_heads * self.head_dim)
             self.k_norm = Norm(self.head_dim, eps)
-            self.v_norm = Norm(self.head_dim, eps)  # no gain: ones, added by sanitize
+            self.v_norm = Norm(self.head_dim, eps, gain=False)
 
     def __call__(self, ops: Ops, x: Tensor, layer: int, rope: RoPE, step: Step, shared: Any) -> tuple[Tensor, Any]:
         """The branch output and the (keys, values) attended over; ``shared`` gives them instead."""
@@ -261,6 +263,8 @@ class Block(nn.Module):
         if per_layer is not None:
             gate = ops.mul(ops.gelu_tanh(ops.linear(h, self.per_layer_input_gate)), per_layer)
             h = ops.add(h, ops.rms_norm(ops.linear(gate, self.per_layer_projection), self.post_per_layer_input_norm))
+        # the stream before and after the layer scalar: the probe keeps the larger of the two
+        h = ops.tap("residual", layer, h)
         return ops.tap("residual", layer, ops.gain(h, self.layer_scalar)), kv
 
     def branch_outputs(self) -> list[Linear | Norm]:
@@ -381,7 +385,7 @@ class Model(DecoderModel):
     def sanitize(self, weights: dict[str, mx.array]) -> dict[str, mx.array]:
         """HF's names to ours: experts' fused gate_up_proj split and stacked under ``switch_glu``,
         the gains ``router.scale`` (times 1/sqrt(hidden)), ``router.per_expert_scale`` and
-        ``layer_scalar`` held as ``Norm`` weights, unit v-norm gains added; KV-shared layers' k/v
+        ``layer_scalar`` held as ``Norm`` weights; KV-shared layers' k/v
         projections and the multimodal towers dropped."""
         a, out = self.args, {}
         root = a.hidden_size**-0.5
@@ -404,16 +408,12 @@ class Model(DecoderModel):
                 out[name + ".weight"] = value
             else:
                 out[name] = value
-        for i in range(a.first_shared()):
-            out.setdefault(f"model.layers.{i}.self_attn.v_norm.weight", mx.ones((a.layer_head_dim(i),)))
         return out
 
     def unsanitize(self, weights: dict[str, mx.array]) -> dict[str, mx.array]:
         root = self.args.hidden_size**-0.5
         out = {}
         for name, value in weights.items():
-            if name.endswith(".self_attn.v_norm.weight"):
-                continue
             if name.endswith(".router.scale.weight"):
                 out[name[: -len(".weight")]] = (value.astype(mx.float32) / root).astype(value.dtype)
             elif name.endswith((".router.per_expert_scale.weight", ".layer_scalar.weight")):

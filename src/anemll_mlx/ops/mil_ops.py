@@ -145,7 +145,7 @@ class MILOps:
         begin = [0] * x.rank
         end = list(x.shape[:-1]) + [size]
         half = mb.slice_by_index(x=normed, begin=begin, end=end)
-        return mb.mul(x=half, y=self._vector(norm, "weight"))
+        return mb.mul(x=half, y=self._vector(norm, "weight")) if "weight" in norm else half
 
     def embed(self, ids, table: Embedding, scale: float, rows: range | None = None):
         vocab, hidden = table.weight.shape

@@ -66,7 +66,7 @@ class MLXOps:
         return x @ layer.weight.T
 
     def rms_norm(self, x: mx.array, norm: Norm) -> mx.array:
-        return mx.fast.rms_norm(x, norm.weight, norm.eps)
+        return mx.fast.rms_norm(x, norm.weight if "weight" in norm else None, norm.eps)
 
     def embed(self, ids: mx.array, table: Embedding, scale: float, rows: range | None = None) -> mx.array:
         if rows is None:

@@ -40,11 +40,13 @@ class Linear(nn.Module):
 
 
 class Norm(nn.Module):
-    """RMSNorm gain: the effective multiplier (a family that stores 1 + w folds it at load)."""
+    """RMSNorm gain: the effective multiplier (a family that stores 1 + w folds it at load).
+    ``gain=False``: a norm without a learned gain (no weight at all)."""
 
-    def __init__(self, dims: int, eps: float):
+    def __init__(self, dims: int, eps: float, gain: bool = True):
         super().__init__()
-        self.weight = mx.ones((dims,))
+        if gain:
+            self.weight = mx.ones((dims,))
         self.eps = eps
 
 
