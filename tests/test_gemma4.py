@@ -145,3 +145,32 @@ def test_the_probe_reports_a_spike_the_per_layer_gate_overflows_at_any_scale(tin
     report = probe(lm, PROMPTS, max_tokens=4)
     assert report["needs_scaling"] and report["recommended_fp16_scale"] is not None
     assert report["scaled"]["overflow"] is True
+
+
+def test_a_lut_checkpoint_of_gemma4_loads_back_exactly(tiny_models, tmp_path):
+    """Every weight keeps its checkpoint name (layer scalars included), so a LUT checkpoint stores
+    and loads the model's own arrays: the same parameters, the same logits."""
+    from mlx.utils import tree_flatten
+
+    from anemll_mlx.qat.checkpoint import ptq_luts, write_lut_checkpoint
+    from anemll_mlx.quant.lut import LUTConfig, LUTSpec
+
+    lm = load(tiny_models["gemma4"], "float32")
+    lut = LUTConfig(ffn=LUTSpec(4, 8))
+    out = write_lut_checkpoint(lm, ptq_luts(lm, lut), lut, tmp_path / "ckpt")
+    stored = mx.load(str(out / "model.safetensors"))
+    assert "model.layers.0.layer_scalar" in stored and "model.layers.0.mlp.down_proj.lut" in stored
+    loaded = load(out, "float32")
+    ours = {k: np.array(v) for k, v in tree_flatten(loaded.model.parameters())}
+    expected = {k: np.array(v) for k, v in tree_flatten(open_lut_model(tiny_models["gemma4"]).parameters())}
+    assert set(ours) == set(expected)
+    for k, v in ours.items():
+        np.testing.assert_array_equal(v, expected[k], err_msg=k)
+
+
+def open_lut_model(folder: Path):
+    """The MLX model of ``folder`` with the export's LUT 4,8 weights of the FFN (``apply_lut``)."""
+    from anemll_mlx.quant.lut import LUTConfig, LUTSpec
+    from anemll_mlx.transforms import apply_lut
+
+    return apply_lut(load(folder, "float32").model, LUTConfig(ffn=LUTSpec(4, 8)))

@@ -12,7 +12,7 @@ What differs from Gemma 3, following mlx-lm's ``gemma4_text``:
 - per-layer inputs (``hidden_size_per_layer_input``): a second embedding table gives every token a
   small vector per layer, mixed with a projection of the embeddings; each layer gates it by its
   stream and adds it back through a projection and a norm;
-- every layer ends by multiplying the stream by a learned scalar (``layer_scalar``);
+- every layer ends by multiplying the stream by a learned scalar (``layer_scalar``, ``Ops.gain``);
 - ``enable_moe_block``: the FFN branch is the dense MLP plus routed experts (a router reading the
   stream through its own norm, top-k softmax times a per-expert scale, gelu experts), each with
   its post-norm, summed before the branch's post-norm;
@@ -203,19 +203,22 @@ class Attention(nn.Module):
 
 
 class Router(nn.Module):
-    """Expert weights: norm (gain ``scale`` with 1/sqrt(hidden) folded in), projection, softmax
-    over the top k, times a per-expert scale."""
+    """Expert weights: a gain-less norm, the gain ``scale`` times 1/sqrt(hidden), the projection,
+    softmax over the top k, times ``per_expert_scale`` (the gains under the checkpoint's names)."""
 
     def __init__(self, args: Gemma4Args):
         super().__init__()
         self.top_k = args.top_k_experts
+        self.root = args.hidden_size**-0.5
         self.proj = Linear(args.hidden_size, args.num_experts)
-        self.scale = Norm(args.hidden_size, args.rms_norm_eps)
-        self.per_expert_scale = Norm(args.num_experts, 0.0)
+        self.norm = Norm(args.hidden_size, args.rms_norm_eps, gain=False)
+        self.scale = mx.ones((args.hidden_size,))
+        self.per_expert_scale = mx.ones((args.num_experts,))
 
     def __call__(self, ops: Ops, x: Tensor) -> Tensor:
-        weights = ops.route(ops.linear(ops.rms_norm(x, self.scale), self.proj), self.top_k, True)
-        return ops.gain(weights, self.per_expert_scale)
+        normed = ops.gain(ops.rms_norm(x, self.norm), self, "scale", self.root)
+        weights = ops.route(ops.linear(normed, self.proj), self.top_k, True)
+        return ops.gain(weights, self, "per_expert_scale")
 
 
 class MoE(nn.Module):
@@ -247,7 +250,7 @@ class Block(nn.Module):
             self.per_layer_input_gate = Linear(H, args.hidden_size_per_layer_input)
             self.per_layer_projection = Linear(args.hidden_size_per_layer_input, H)
             self.post_per_layer_input_norm = Norm(H, eps)
-        self.layer_scalar = Norm(1, 0.0)  # a gain of one value, under HF's name layer_scalar
+        self.layer_scalar = mx.ones((1,))
 
     def __call__(
         self, ops: Ops, x: Tensor, layer: int, rope: RoPE, step: Step, per_layer: Tensor = None, shared: Any = None
@@ -265,7 +268,7 @@ class Block(nn.Module):
             h = ops.add(h, ops.rms_norm(ops.linear(gate, self.per_layer_projection), self.post_per_layer_input_norm))
         # the stream before and after the layer scalar: the probe keeps the larger of the two
         h = ops.tap("residual", layer, h)
-        return ops.tap("residual", layer, ops.gain(h, self.layer_scalar)), kv
+        return ops.tap("residual", layer, ops.gain(h, self, "layer_scalar")), kv
 
     def branch_outputs(self) -> list[Linear | Norm]:
         # every branch ends in its post-norm; the routed experts join the dense MLP before the last
@@ -274,7 +277,7 @@ class Block(nn.Module):
 
     def stream_norms(self) -> list[Norm]:
         norms = [self.input_layernorm, self.pre_feedforward_layernorm]
-        return norms + ([self.pre_feedforward_layernorm_2, self.router.scale] if "router" in self else [])
+        return norms + ([self.pre_feedforward_layernorm_2, self.router.norm] if "router" in self else [])
 
     def stream_linears(self) -> list[Linear]:
         """Projections reading the stream without a norm: the per-layer input gate."""
@@ -383,12 +386,10 @@ class Model(DecoderModel):
     # --- checkpoint names
 
     def sanitize(self, weights: dict[str, mx.array]) -> dict[str, mx.array]:
-        """HF's names to ours: experts' fused gate_up_proj split and stacked under ``switch_glu``,
-        the gains ``router.scale`` (times 1/sqrt(hidden)), ``router.per_expert_scale`` and
-        ``layer_scalar`` held as ``Norm`` weights; KV-shared layers' k/v
-        projections and the multimodal towers dropped."""
+        """HF's names to ours: the experts' fused gate_up_proj split and stacked, with down_proj,
+        under mlx-lm's ``experts.switch_glu`` (a checkpoint stacked so already loads as it is);
+        KV-shared layers' k/v projections and the multimodal towers dropped."""
         a, out = self.args, {}
-        root = a.hidden_size**-0.5
         for name, value in weights.items():
             if any(s in name for s in _DROPPED) or name.split(".")[1] in _TOWERS:
                 continue
@@ -402,22 +403,6 @@ class Model(DecoderModel):
                 out[base + "gate_proj.weight"], out[base + "up_proj.weight"] = gate, up
             elif name.endswith(".experts.down_proj"):
                 out[name[: -len("down_proj")] + "switch_glu.down_proj.weight"] = value
-            elif name.endswith(".router.scale"):
-                out[name + ".weight"] = value.astype(mx.float32) * root
-            elif name.endswith((".router.per_expert_scale", ".layer_scalar")):
-                out[name + ".weight"] = value
-            else:
-                out[name] = value
-        return out
-
-    def unsanitize(self, weights: dict[str, mx.array]) -> dict[str, mx.array]:
-        root = self.args.hidden_size**-0.5
-        out = {}
-        for name, value in weights.items():
-            if name.endswith(".router.scale.weight"):
-                out[name[: -len(".weight")]] = (value.astype(mx.float32) / root).astype(value.dtype)
-            elif name.endswith((".router.per_expert_scale.weight", ".layer_scalar.weight")):
-                out[name[: -len(".weight")]] = value
             else:
                 out[name] = value
         return out

@@ -187,8 +187,10 @@ class MILOps:
     def gelu_tanh(self, x):
         return mb.gelu(x=x, mode="TANH_APPROXIMATION")
 
-    def gain(self, x, gain: Norm):
-        return mb.mul(x=x, y=self._vector(gain, "weight"))
+    def gain(self, x, holder: Any, name: str, factor: float = 1.0):
+        array = holder[name]
+        vector = self.const(f"gain_{name}_{id(array)}_{factor}", lambda: to_numpy(array.astype(mx.float32) * factor))
+        return mb.mul(x=x, y=vector)
 
     def softcap(self, x, cap: float):
         return mb.mul(x=mb.tanh(x=mb.mul(x=x, y=np.float16(1.0 / cap))), y=np.float16(cap))

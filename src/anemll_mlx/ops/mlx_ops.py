@@ -19,6 +19,7 @@ from collections.abc import Callable
 from typing import Any
 
 import mlx.core as mx
+import mlx.nn as nn
 
 from .vocabulary import Embedding, Experts, Linear, Norm, RoPE, Step
 
@@ -99,8 +100,11 @@ class MLXOps:
     def gelu_tanh(self, x: mx.array) -> mx.array:
         return self._at_least_fp32(x, lambda y: 0.5 * y * (1 + mx.tanh(math.sqrt(2 / math.pi) * (y + 0.044715 * y**3))))
 
-    def gain(self, x: mx.array, gain: Norm) -> mx.array:
-        return x * gain.weight.astype(x.dtype)
+    def gain(self, x: mx.array, holder: nn.Module, name: str, factor: float = 1.0) -> mx.array:
+        vector = holder[name]
+        if factor != 1.0:  # the product in float32, rounded once: the exported constant
+            vector = vector.astype(mx.float32) * factor
+        return x * vector.astype(x.dtype)
 
     def softcap(self, x: mx.array, cap: float) -> mx.array:
         return self._at_least_fp32(x, lambda y: mx.tanh(y / cap) * cap)

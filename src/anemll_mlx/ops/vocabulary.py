@@ -199,8 +199,9 @@ class Ops(Protocol):
 
     def gelu_tanh(self, x: Tensor) -> Tensor: ...
 
-    def gain(self, x: Tensor, gain: Norm) -> Tensor:
-        """``x`` times a learned gain vector (``gain.weight``, broadcast over the last axis)."""
+    def gain(self, x: Tensor, holder: nn.Module, name: str, factor: float = 1.0) -> Tensor:
+        """``x`` times the learned vector ``holder.<name>`` (times ``factor``), broadcast over the
+        last axis: a gain stored under a checkpoint's own name (Gemma 4's ``layer_scalar``)."""
         ...
 
     def softcap(self, x: Tensor, cap: float) -> Tensor:
