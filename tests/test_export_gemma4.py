@@ -17,6 +17,7 @@ import yaml
 
 from anemll_mlx.errors import UnsupportedError
 from anemll_mlx.export import ExportOptions, export_model
+from anemll_mlx.export.conformance import inspect_export
 from anemll_mlx.loading import load
 from anemll_mlx.quant.lut import LUTConfig, parse_lut_spec
 from cli_runner import assert_one_error, run_cli
@@ -91,6 +92,38 @@ def test_context_past_the_sliding_window_matches_mlx_fp32(tiny_model_factory, tm
     assert s["kl_max"] < 1e-3 and s["match_rate"] == 1.0, s
 
 
+# --- global layers of another KV shape
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("window", "context", "batch", "states"),
+    [
+        # one state as large as the largest layer: sliding layers use its leading (2, 16) block
+        (128, 64, 16, {"model.model.kv_cache_0": [14, 2, 64, 32]}),
+        # split cache: each state sized to its own layers
+        (8, 32, 4, {"kv_cache_local": [10, 2, 32, 16], "kv_cache_global": [4, 1, 32, 32]}),
+    ],
+)
+def test_global_layers_of_another_kv_shape_export(tiny_model_factory, tmp_path, window, context, batch, states):
+    """The tiny gemma4 without per-layer inputs and KV sharing: global layers of head dim 32 with
+    one KV head used as keys and values (attention_k_eq_v), sliding ones of 16 with two KV heads."""
+    folder = tiny_model_factory(
+        "gemma4", hidden_size_per_layer_input=0, num_kv_shared_layers=0, sliding_window=window
+    )
+    out = tmp_path / "out"
+    export_model(load(folder, "float32"), out, ExportOptions(context=context, batch=batch))
+    meta = yaml.safe_load((out / "meta.yaml").read_text())["anemll_mlx"]
+    found = meta["kv_states"] if "kv_states" in meta else [meta["kv_state"]]
+    assert {state["name"]: state["shape"] for state in found} == states
+    parts, problems = inspect_export(out)
+    assert problems == [] and [p.problems for p in parts if p.problems] == []
+    # measured: KL mean 1.0e-5 / 5.7e-6, max |logit diff| 0.048 / 0.028
+    steps, limit = (32, 24) if context == 64 else (16, 12)
+    s = compare_export(folder, out, steps=steps, context=context, limit=limit)
+    assert s["kl_mean"] < 1e-3 and s["kl_max"] < 1e-2 and s["match_rate"] == 1.0 and s["max_abs_diff"] < 0.15, s
+
+
 # --- what the export refuses
 
 
@@ -99,12 +132,11 @@ def test_context_past_the_sliding_window_matches_mlx_fp32(tiny_model_factory, tm
     [
         ("gemma4", {}, "hidden_size_per_layer_input"),
         ("gemma4", {"hidden_size_per_layer_input": 0}, "num_kv_shared_layers"),
-        ("gemma4", {"hidden_size_per_layer_input": 0, "num_kv_shared_layers": 0}, "global_head_dim"),
     ],
 )
 def test_features_the_export_lacks_are_refused(tiny_model_factory, tmp_path, arch, overrides, key):
-    """Per-layer inputs, KV-shared layers and global layers of another KV shape are named, as one
-    `error:` line and exit 2, and nothing is written."""
+    """Per-layer inputs and KV-shared layers are named, as one `error:` line and exit 2, and
+    nothing is written."""
     folder = tiny_model_factory(arch, **overrides)
     with pytest.raises(UnsupportedError, match=key):
         export_model(load(folder, "float32"), tmp_path / "out", options())

@@ -20,8 +20,9 @@ What differs from Gemma 3, following mlx-lm's ``gemma4_text``:
 
 Per-layer inputs ride along the hidden states on MLX: ``embed`` returns the stream and the inputs
 concatenated on the last axis, ``forward_layers`` passes them through, ``final_norm`` drops them.
-The export refuses per-layer inputs, KV-shared layers and global layers of another KV shape
-(``export_refusal``): ANEMLL's one-state cache has one head shape, and chunks take hidden states only.
+The export refuses per-layer inputs and KV-shared layers (``export_refusal``): chunks take hidden
+states only, and a shared layer's source may sit in another chunk.  Global layers of another KV
+shape export: each KV state is as large as its largest layer (``kv_shape``).
 """
 
 from __future__ import annotations
@@ -326,13 +327,10 @@ class Model(DecoderModel):
             )
         if a.num_kv_shared_layers:
             return f"gemma4 export: KV-shared layers (config key 'num_kv_shared_layers' = {a.num_kv_shared_layers}) are not exported yet"
-        shapes = {(a.layer_kv_heads(i), a.layer_head_dim(i)) for i in range(a.num_hidden_layers)}
-        if len(shapes) > 1:
-            return (
-                "gemma4 export: layers with different KV shapes (config keys 'global_head_dim', "
-                "'attention_k_eq_v'/'num_global_key_value_heads') do not fit ANEMLL's one-state KV cache yet"
-            )
         return None
+
+    def kv_shape(self, layer: int) -> tuple[int, int]:
+        return self.args.layer_kv_heads(layer), self.args.layer_head_dim(layer)
 
     # --- per-layer inputs ride along the hidden states (MLX only: see the module docstring)
 

@@ -295,6 +295,8 @@ class MILOps:
 
 class MILKVCache:
     """The KV cache as ANEMLL lays it out: one fp16 state (2 * layers, kv_heads, context, head_dim).
+    A layer of fewer KV heads or a smaller head dim (Gemma 4's global layers differ from its sliding
+    ones) uses the leading block of its rows: the state has the largest shape of its layers.
 
     Keys of layer i live in row i, values in row layers + i.  Each update writes the T new rows at
     ``current_pos`` and hands the written value on, so later layers never read the state again.
@@ -330,15 +332,19 @@ class MILKVCache:
         begin, end = self._bounds(row, heads, T, D)
         self.value = mb.slice_update(x=self.value, update=update, begin=begin, end=end)
 
-    def _rows(self, row: int):
+    def _rows(self, row: int, like: Any = None):
+        """Row ``row`` over the whole context; with ``like`` (a layer's k or v), only its heads and
+        head dim: a layer of a smaller KV shape than the state's uses the leading block of its row."""
         _, heads, context, D = self.value.shape
+        if like is not None:
+            heads, D = like.shape[1], like.shape[3]
         return mb.slice_by_index(x=self.value, begin=[row, 0, 0, 0], end=[row + 1, heads, context, D])
 
     def update(self, layer: int, k, v, step: Step):
         self._write(layer, k)
         self._write(self.num_layers + layer, v)
         self.value = mb.coreml_update_state(state=self.state, value=self.value)
-        return self._rows(layer), self._rows(self.num_layers + layer)
+        return self._rows(layer, k), self._rows(self.num_layers + layer, v)
 
 
 class MILWindowedKVCache:
@@ -383,8 +389,9 @@ class MILWindowedKVCache:
             self._caches[kind] = MILKVCache(self.states[kind], self.counts[kind], self.current_pos, self._memo)
         return self._caches[kind]
 
-    def _window_rows(self, value, row: int, tokens: int):
-        _, heads, _, D = value.shape
+    def _window_rows(self, value, row: int, like: Any):
+        """The window of row ``row`` for a layer whose k or v is ``like`` (its heads and head dim)."""
+        heads, tokens, D = like.shape[1], like.shape[2], like.shape[3]
         if not self.rotate:
             return mb.slice_by_index(x=value, begin=[row, 0, 0, 0], end=[row + 1, heads, self.window, D])
         if self._begin is None:
@@ -403,10 +410,9 @@ class MILWindowedKVCache:
         cache._write(cache.num_layers + index, v)
         cache.value = mb.coreml_update_state(state=cache.state, value=cache.value)
         if kind == "global":
-            return cache._rows(index), cache._rows(cache.num_layers + index)
-        tokens = k.shape[2]
-        keys = self._window_rows(cache.value, index, tokens)
-        return keys, self._window_rows(cache.value, cache.num_layers + index, tokens)
+            return cache._rows(index, k), cache._rows(cache.num_layers + index, v)
+        keys = self._window_rows(cache.value, index, k)
+        return keys, self._window_rows(cache.value, cache.num_layers + index, v)
 
     def touch_unused(self) -> None:
         """Keep each state no layer of this chunk used alive: its first (1, 1, 1, head_dim) block,
