@@ -67,7 +67,7 @@ def test_unsupported_model_type(tiny_models, tmp_path):
     """An unknown model_type is named along with the supported ones."""
     folder = write_corrupt_copies(tiny_models["gemma3"], tmp_path)["unknown_arch"]
     line = error_line(run_cli("generate", folder, "--max-tokens", "4"))
-    supported = "llama, qwen2, qwen3, qwen3_moe, gemma3_text, gemma3"
+    supported = "llama, qwen2, qwen3, qwen3_moe, gemma3_text, gemma4_text, gemma3, gemma4"
     assert line == f"error: unsupported model_type 'mamba_xyz' (supported: {supported})"
 
 

@@ -106,12 +106,17 @@ def test_cached_decode_steps_match_mlx_lm(tiny_models, arch):
         ("gemma3", {"sliding_window": 256}),
         ("qwen3_moe", {"norm_topk_prob": False}),
         ("qwen3_moe", {"num_experts_per_tok": 8}),  # every expert, no routing
+        ("gemma4", {"final_logit_softcapping": None}),
+        ("gemma4", {"sliding_window": 256}),
+        ("gemma4", {"rope_parameters": {"full_attention": {"rope_theta": 1000000.0, "rope_type": "default"}}}),
+        ("gemma4_moe", {"top_k_experts": 8}),
     ],
 )
 def test_comparison_sees_rope_scaling_and_sliding_window(tiny_model_factory, tiny_models, arch, change):
     """The tolerance is tight enough to notice a missing llama3 RoPE scaling, a missing sliding
-    window, or routing done otherwise (no renormalisation of the top-k weights, no top-k): the same
-    weights with that feature switched off are far from mlx-lm's logits."""
+    window, routing done otherwise (no renormalisation of the top-k weights, no top-k), Gemma 4
+    without its logit soft-capping or with its global layers fully rotated: the same weights with
+    that feature switched off are far from mlx-lm's logits."""
     lm = load(tiny_model_factory(arch, **change), "float32")  # same seed, so the same weights
     peer, _ = mlx_lm_load(str(tiny_models[arch]))
     ids = prompt_ids(lm)
@@ -136,9 +141,9 @@ def test_qwen3_moe_without_norm_topk_prob_matches_mlx_lm(tiny_model_factory):
 
 # --- greedy generation --------------------------------------------------------------------------
 
-# The tied tiny Gemma3 repeats one token forever; with its own LM head its greedy text varies,
+# The tied tiny Gemmas repeat one token forever; with its own LM head its greedy text varies,
 # which makes the comparison meaningful (the sliding window of 8 is unchanged).
-GREEDY_OVERRIDES = {"gemma3": {"tie_word_embeddings": False}}
+GREEDY_OVERRIDES = {arch: {"tie_word_embeddings": False} for arch in ("gemma3", "gemma4", "gemma4_moe")}
 
 
 @pytest.mark.parametrize("arch", ARCHS)

@@ -45,8 +45,11 @@ def spike(lm, layer: int, factor: float, channel: int = 5) -> None:
 
 @pytest.fixture(scope="module")
 def folders(tiny_model_factory) -> dict[str, Path]:
-    """Each family with at least 4 layers, so the spike at layer 2 has layers on both sides."""
-    return {arch: tiny_model_factory(arch, **({} if arch == "gemma3" else {"num_hidden_layers": 4})) for arch in ARCHS}
+    """Each family with at least 4 layers, so the spike at layer 2 has layers on both sides.
+    gemma4 without per-layer inputs: their gate reads the stream itself, so a spike overflows it
+    at any scale (test_gemma4.py shows the probe saying so)."""
+    overrides = {"gemma3": {}, "gemma4": {"hidden_size_per_layer_input": 0}}
+    return {arch: tiny_model_factory(arch, **overrides.get(arch, {"num_hidden_layers": 4})) for arch in ARCHS}
 
 
 @pytest.mark.parametrize("arch", ARCHS)

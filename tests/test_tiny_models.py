@@ -63,7 +63,7 @@ def test_mlx_lm_loads_and_runs(tiny_models, arch):
     enc = tok.encode(TEXT, add_special_tokens=False)
     assert tok.decode(enc) == TEXT
     full = tok.encode(TEXT)
-    if arch in ("llama", "llama3_rope", "gemma3"):
+    if arch in ("llama", "llama3_rope") or arch.startswith("gemma"):
         assert full == [tok.bos_token_id, *enc]
     else:
         assert full == enc
@@ -77,7 +77,7 @@ def test_mlx_lm_loads_and_runs(tiny_models, arch):
     prompt = tok.apply_chat_template(CHAT, add_generation_prompt=True, tokenize=False)
     prompt_ids = tok.apply_chat_template(CHAT, add_generation_prompt=True)
     assert tok.decode(prompt_ids) == prompt
-    if arch == "gemma3":
+    if arch.startswith("gemma"):
         assert prompt.startswith("<bos><start_of_turn>user\nBe brief.\n\nWhat is")
         assert prompt.endswith("<start_of_turn>model\n")
         assert prompt_ids.count(tok.bos_token_id) == 1
@@ -130,6 +130,25 @@ def test_arch_specifics(tiny_models):
     assert set(cfg["layer_types"]) == {"sliding_attention", "full_attention"}
     assert cfg["query_pre_attn_scalar"] != cfg["head_dim"]
     assert abs(w["model.norm.weight"].mean().item()) < 0.2  # applied as (1 + w)
+
+    # gemma4: global layers of another head shape (k = v, one KV head), KV-shared layers without
+    # k/v, per-layer inputs; gemma4_moe: fused experts as HF stores them, one head shape
+    w, _ = tensors("gemma4")
+    cfg = json.loads((tiny_models["gemma4"] / "config.json").read_text())
+    assert cfg["layer_types"] == ["sliding_attention"] * 3 + ["full_attention"] + ["sliding_attention"] * 2 + ["full_attention"]
+    assert w["model.layers.3.self_attn.k_proj.weight"].shape == (cfg["global_head_dim"], cfg["hidden_size"])
+    assert "model.layers.3.self_attn.v_proj.weight" not in w and "model.layers.4.self_attn.v_proj.weight" in w
+    assert not any(k.startswith(("model.layers.5.self_attn.k", "model.layers.6.self_attn.k")) for k in w)
+    assert w["model.layers.5.mlp.gate_proj.weight"].shape[0] == 2 * cfg["intermediate_size"]
+    assert w["model.embed_tokens_per_layer.weight"].shape == (cfg["vocab_size"], 7 * cfg["hidden_size_per_layer_input"])
+    assert abs(w["model.norm.weight"].mean().item() - 1.0) < 0.2  # the gain itself
+    w, _ = tensors("gemma4_moe")
+    cfg = json.loads((tiny_models["gemma4_moe"] / "config.json").read_text())
+    assert cfg["enable_moe_block"] and cfg["top_k_experts"] < cfg["num_experts"]
+    E, moe, H = cfg["num_experts"], cfg["moe_intermediate_size"], cfg["hidden_size"]
+    assert w["model.layers.0.experts.gate_up_proj"].shape == (E, 2 * moe, H)
+    assert w["model.layers.0.experts.down_proj"].shape == (E, H, moe)
+    assert w["model.layers.0.router.per_expert_scale"].shape == (E,)
 
     # the llama3 blend keeps the highest frequency, smooths one and scales the rest
     from mlx_lm.models.rope_utils import initialize_rope

@@ -29,6 +29,16 @@ Architectures (``ARCHS``):
 - ``gemma3``: ``gemma3_text``, 7 layers (5 sliding, 1 global, 1 sliding), sliding_window 8,
   query_pre_attn_scalar 24 (!= head_dim), four norms per layer plus q/k norms, norms stored
   as offsets from 1 (the model applies ``1 + w``), tied, BOS added by the tokenizer.
+- ``gemma4``: ``gemma4_text`` dense with every feature mlx-lm's gemma4_text has: 7 layers
+  (S S S G S S G: sliding_window 8, the last layer global as transformers requires), global layers with their own head dim (32 vs
+  16), one KV head and keys as values (``attention_k_eq_v``), proportional RoPE rotating a quarter
+  of the global head; per-layer inputs of 8 per layer; the last 2 layers KV-shared (one global,
+  one sliding: layers 5 and 6 read the keys of 4 and 3) with double-wide MLPs; layer scalars; final logit soft-capping at 10; norms store
+  their gain itself (near 1); tied; Gemma's tokenizer.
+- ``gemma4_moe``: ``gemma4_text`` with ``enable_moe_block``: 4 layers (S S S G), each the dense MLP plus 8
+  gelu experts of moe_intermediate_size 32, top-4, as HF stores them (fused
+  ``experts.gate_up_proj`` (E, 2 * moe, hidden), ``experts.down_proj``, ``router.{proj,scale,
+  per_expert_scale}``); one head shape, no per-layer inputs and no KV sharing, so it exports.
 """
 
 from __future__ import annotations
@@ -57,7 +67,7 @@ __all__ = [
     "write_corrupt_copies",
 ]
 
-ARCHS = ("llama", "llama3_rope", "llama_tied", "qwen2", "qwen3", "qwen3_moe", "gemma3")
+ARCHS = ("llama", "llama3_rope", "llama_tied", "qwen2", "qwen3", "qwen3_moe", "gemma3", "gemma4", "gemma4_moe")
 
 VOCAB_TARGET = 448
 
@@ -208,7 +218,7 @@ def _tok_spec(arch: str) -> dict[str, Any]:
             "template": CHATML_TEMPLATE,
             "gen_eos": ["<|im_end|>", "<|endoftext|>"],
         }
-    if arch == "gemma3":
+    if arch in ("gemma3", "gemma4", "gemma4_moe"):
         return {
             "specials": GEMMA_SPECIALS,
             "bos": "<bos>",
@@ -346,6 +356,56 @@ def arch_config(arch: str, vocab_size: int, ids: dict[str, int | None]) -> dict[
         }
         del cfg["hidden_act"]
         return cfg
+    if arch in ("gemma4", "gemma4_moe"):
+        cfg = {
+            "architectures": ["Gemma4ForCausalLM"],
+            "model_type": "gemma4_text",
+            **_COMMON,
+            "hidden_activation": "gelu_pytorch_tanh",
+            "num_key_value_heads": 2,
+            "head_dim": 16,
+            "global_head_dim": 32,
+            "num_global_key_value_heads": 1,
+            "attention_k_eq_v": True,
+            "num_hidden_layers": 7,
+            "num_kv_shared_layers": 2,
+            "use_double_wide_mlp": True,
+            "hidden_size_per_layer_input": 8,
+            "vocab_size_per_layer_input": vocab_size,
+            "rms_norm_eps": 1e-6,
+            "vocab_size": vocab_size,
+            "rope_parameters": {
+                "full_attention": {"partial_rotary_factor": 0.25, "rope_theta": 1000000.0, "rope_type": "proportional"},
+                "sliding_attention": {"rope_theta": 10000.0, "rope_type": "default"},
+            },
+            "sliding_window": 8,
+            "sliding_window_pattern": 4,
+            "final_logit_softcapping": 10.0,
+            "enable_moe_block": False,
+            "num_experts": None,
+            "top_k_experts": None,
+            "moe_intermediate_size": None,
+            "attention_bias": False,
+            "tie_word_embeddings": True,
+            "pad_token_id": ids["pad"],
+            "bos_token_id": bos_id,
+            "eos_token_id": [eos_id, ids["end_of_turn"]],
+        }
+        del cfg["hidden_act"]
+        if arch == "gemma4_moe":
+            cfg.update(
+                num_hidden_layers=4,
+                global_head_dim=16,
+                num_global_key_value_heads=None,
+                attention_k_eq_v=False,
+                num_kv_shared_layers=0,
+                hidden_size_per_layer_input=0,
+                enable_moe_block=True,
+                num_experts=8,
+                top_k_experts=4,
+                moe_intermediate_size=32,
+            )
+        return cfg
     raise ValueError(f"unknown tiny arch {arch!r}; choose one of {ARCHS}")
 
 
@@ -357,6 +417,8 @@ def _gemma_layer_types(n_layers: int, pattern: int) -> list[str]:
 
 
 def _weights(cfg: dict[str, Any], seed: int) -> dict[str, np.ndarray]:
+    if cfg["model_type"] == "gemma4_text":
+        return _gemma4_weights(cfg, seed)
     rng = np.random.default_rng(seed)
     gemma = cfg["model_type"].startswith("gemma")
     H = cfg["hidden_size"]
@@ -418,6 +480,67 @@ def _weights(cfg: dict[str, Any], seed: int) -> dict[str, np.ndarray]:
     return w
 
 
+def _gemma4_weights(cfg: dict[str, Any], seed: int) -> dict[str, np.ndarray]:
+    """Gemma 4's tensors as Hugging Face names them (per-layer head shapes, KV-shared layers without
+    k/v, fused experts); norms store their gain itself (near 1)."""
+    rng = np.random.default_rng(seed)
+    H, V, L = cfg["hidden_size"], cfg["vocab_size"], cfg["num_hidden_layers"]
+    n_h, inter = cfg["num_attention_heads"], cfg["intermediate_size"]
+    P = cfg.get("hidden_size_per_layer_input") or 0
+    first_shared = L - (cfg.get("num_kv_shared_layers") or 0)
+
+    def linear(*shape: int, gain: float = 1.0) -> np.ndarray:
+        return (rng.standard_normal(shape) * (gain / np.sqrt(shape[-1]))).astype(np.float32)
+
+    def norm(n: int) -> np.ndarray:
+        return (1.0 + rng.uniform(-0.2, 0.2, size=n)).astype(np.float32)
+
+    w: dict[str, np.ndarray] = {"model.embed_tokens.weight": (rng.standard_normal((V, H)) * 0.25).astype(np.float32)}
+    for i, kind in enumerate(cfg["layer_types"]):
+        p = f"model.layers.{i}."
+        full = kind == "full_attention"
+        hd = cfg["global_head_dim"] if full else cfg["head_dim"]
+        k_eq_v = full and cfg.get("attention_k_eq_v")
+        n_kv = cfg["num_global_key_value_heads"] if k_eq_v and cfg.get("num_global_key_value_heads") else cfg["num_key_value_heads"]
+        for name in ("input_layernorm", "post_attention_layernorm", "pre_feedforward_layernorm", "post_feedforward_layernorm"):
+            w[p + name + ".weight"] = norm(H)
+        w[p + "self_attn.q_proj.weight"] = linear(n_h * hd, H, gain=1.5)
+        w[p + "self_attn.q_norm.weight"] = norm(hd)
+        if i < first_shared:
+            w[p + "self_attn.k_proj.weight"] = linear(n_kv * hd, H, gain=1.5)
+            w[p + "self_attn.k_norm.weight"] = norm(hd)
+            if not k_eq_v:
+                w[p + "self_attn.v_proj.weight"] = linear(n_kv * hd, H)
+        w[p + "self_attn.o_proj.weight"] = linear(H, n_h * hd)
+        width = inter * (2 if cfg.get("use_double_wide_mlp") and i >= first_shared else 1)
+        w[p + "mlp.gate_proj.weight"] = linear(width, H)
+        w[p + "mlp.up_proj.weight"] = linear(width, H)
+        w[p + "mlp.down_proj.weight"] = linear(H, width)
+        if cfg.get("enable_moe_block"):
+            E, moe = cfg["num_experts"], cfg["moe_intermediate_size"]
+            # the router reads rms_norm(x) * scale / sqrt(hidden): logits of std ~3, as qwen3_moe's
+            w[p + "router.proj.weight"] = linear(E, H, gain=3.0 * np.sqrt(H))
+            w[p + "router.scale"] = norm(H)
+            w[p + "router.per_expert_scale"] = norm(E)
+            w[p + "experts.gate_up_proj"] = linear(E, 2 * moe, H)
+            w[p + "experts.down_proj"] = linear(E, H, moe)
+            for name in ("post_feedforward_layernorm_1", "post_feedforward_layernorm_2", "pre_feedforward_layernorm_2"):
+                w[p + name + ".weight"] = norm(H)
+        if P:
+            w[p + "per_layer_input_gate.weight"] = linear(P, H)
+            w[p + "per_layer_projection.weight"] = linear(H, P)
+            w[p + "post_per_layer_input_norm.weight"] = norm(H)
+        w[p + "layer_scalar"] = rng.uniform(0.6, 1.4, size=1).astype(np.float32)
+    w["model.norm.weight"] = norm(H)
+    if P:
+        w["model.embed_tokens_per_layer.weight"] = (rng.standard_normal((cfg["vocab_size_per_layer_input"], L * P))).astype(np.float32)
+        w["model.per_layer_model_projection.weight"] = linear(L * P, H)
+        w["model.per_layer_projection_norm.weight"] = norm(P)
+    if not cfg.get("tie_word_embeddings", False):
+        w["lm_head.weight"] = (rng.standard_normal((V, H)) * 0.3).astype(np.float32)
+    return w
+
+
 def _is_sparse(cfg: dict[str, Any], layer: int) -> bool:
     """Whether a qwen3_moe layer routes over experts (Hugging Face's rule)."""
     return (
@@ -464,8 +587,10 @@ def make_tiny_model(root: Path, arch: str, *, seed: int = 0, **config_overrides:
     }
     cfg = arch_config(arch, vocab_size, ids)
     cfg.update(config_overrides)
-    if cfg["model_type"] == "gemma3_text" and "layer_types" not in config_overrides:
+    if cfg["model_type"] in ("gemma3_text", "gemma4_text") and "layer_types" not in config_overrides:
         cfg["layer_types"] = _gemma_layer_types(cfg["num_hidden_layers"], cfg["sliding_window_pattern"])
+        if cfg["model_type"] == "gemma4_text":  # transformers' Gemma 4 config makes the last layer global
+            cfg["layer_types"][-1] = "full_attention"
     if cfg["vocab_size"] < vocab_size:
         raise ValueError(f"vocab_size {cfg['vocab_size']} is smaller than the tokenizer's {vocab_size}")
 

@@ -43,6 +43,7 @@ ARCHITECTURES = {
     "qwen3": "qwen",
     "qwen2": "qwen25",
     "gemma3_text": "gemma3",
+    "gemma4_text": "gemma4",  # not an ANEMLL 0.3.5 family: this name is ours
     "qwen3_moe": "qwen3_moe",  # ANEMLL 0.3.5 has no mixture-of-experts family: this name is ours
 }
 

@@ -43,9 +43,13 @@ def apply_fp16_scale(model: DecoderModel, alpha: float) -> DecoderModel:
         raise BadArgumentError(f"this model is already scaled by fp16_scale {model.fp16_scale}: scaling twice compounds")
     blocks = model.blocks
     outputs = [holder for block in blocks for holder in block.branch_outputs()]  # all known before any change
-    readers = [norm for block in blocks for norm in block.stream_norms()] + [model.model.norm]
+    readers = [norm for block in blocks for norm in block.stream_norms()] + model.stream_norms()
+    # projections that read the stream itself (not through a norm) get 1 / alpha: same outputs
+    inputs = [linear for block in blocks for linear in getattr(block, "stream_linears", list)()]
     for holder in outputs:
         _scale_holder(holder, alpha)
+    for linear in inputs:
+        linear.weight = (linear.weight.astype(mx.float32) / alpha).astype(linear.weight.dtype)
     _scale_checkpoint_tables(model, {id(holder) for holder in outputs}, alpha)
     for norm in readers:
         norm.eps = norm.eps * alpha * alpha

@@ -24,7 +24,7 @@ from mlx.utils import tree_map
 
 from .. import format as fmt
 from .. import interrupts
-from ..errors import BadArgumentError, UserError
+from ..errors import BadArgumentError, UnsupportedError, UserError
 from ..loading import LoadedModel
 from ..models.base import DecoderModel
 from ..ops.mil_ops import MILOps
@@ -127,6 +127,9 @@ class ExportOptions:
 
     def check_model(self, model: DecoderModel) -> None:
         """Checks against the model's hyper-parameters (a skeleton from its config is enough)."""
+        refusal = model.export_refusal()
+        if refusal is not None:
+            raise UnsupportedError(refusal)
         limit = model.args.max_position_embeddings
         if self.context > limit:
             raise BadArgumentError(f"--context {self.context} exceeds the model's max_position_embeddings {limit}")

@@ -11,6 +11,8 @@ Every name and shape comes from ``anemll_mlx.format``, the one owner of the expo
 
 from __future__ import annotations
 
+import dataclasses
+
 import coremltools as ct
 from coremltools.converters.mil import Builder as mb
 from coremltools.converters.mil.mil import Function, Program, get_new_symbol, types
@@ -48,7 +50,13 @@ def split_window(model: DecoderModel, context: int) -> int | None:
 def kv_states(model: DecoderModel, context: int) -> list[fmt.KVState]:
     """The KV state(s) every chunk declares (``format.kv_states``)."""
     a = model.args
-    return fmt.kv_states(model.sliding(), a.num_key_value_heads, a.head_dim, context, split_window(model, context))
+    states = fmt.kv_states(model.sliding(), a.num_key_value_heads, a.head_dim, context, split_window(model, context))
+    # each state as large as the largest KV shape of its layers (a smaller layer uses a leading block)
+    shaped = []
+    for s in states:
+        heads, dim = (max(model.kv_shape(i)[j] for i in s.layers) for j in (0, 1))
+        shaped.append(dataclasses.replace(s, shape=(s.shape[0], heads, s.shape[2], dim)))
+    return shaped
 
 
 def chunk_functions(model: DecoderModel, context: int, batch: int) -> list[fmt.ChunkFunction]:

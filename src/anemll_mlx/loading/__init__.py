@@ -155,16 +155,22 @@ def _load_gguf(path: Path, dtype: mx.Dtype, lazy: bool) -> LoadedModel:
 
 
 def text_config(config: dict) -> dict:
-    """The language-model part of a config: a multimodal ``gemma3`` keeps it under text_config."""
-    if config.get("model_type") == "gemma3":
+    """The language-model part of a config: a multimodal ``gemma3`` or ``gemma4`` keeps it under text_config."""
+    wrapped = _WRAPPERS.get(config.get("model_type"))  # type: ignore[arg-type]
+    if wrapped is not None:
+        text_type, default_vocab = wrapped
         inner = dict(config.get("text_config") or {})
-        inner.setdefault("model_type", "gemma3_text")
+        inner.setdefault("model_type", text_type)
         for key in ("vocab_size", "tie_word_embeddings", "eos_token_id", "bos_token_id"):
             if key in config and key not in inner:
                 inner[key] = config[key]
-        inner.setdefault("vocab_size", 262208)
+        inner.setdefault("vocab_size", default_vocab)
         return inner
     return config
+
+
+# multimodal model_type -> (its text model's model_type, the vocabulary size when none is given)
+_WRAPPERS = {"gemma3": ("gemma3_text", 262208), "gemma4": ("gemma4_text", 262144)}
 
 
 def _assemble(config: dict, weights: dict[str, mx.array], dtype: mx.Dtype, lazy: bool) -> DecoderModel:

@@ -41,6 +41,11 @@ from ..errors import CorruptModelError, ModelNotFoundError, UnsupportedError
 
 SUPPORTED_GGUF_TYPES = ("F32", "F16", "BF16", "Q4_0", "Q4_1", "Q8_0")
 SUPPORTED_ARCHITECTURES = ("llama", "qwen2", "qwen3", "qwen3moe", "gemma3")
+# families we load from Hugging Face folders but not yet from GGUF: why, and what to do instead
+NOT_YET = {
+    "gemma4": "llama.cpp's gemma4 names (per-layer head sizes, per-layer inputs, KV sharing, fused experts) "
+    "are not mapped; load the Hugging Face folder (gemma4 / gemma4_text) instead",
+}
 
 # ggml's type ids (ggml.h ``enum ggml_type``); gaps are ids ggml removed.
 GGML_TYPE_NAMES: dict[int, str] = {
@@ -291,6 +296,8 @@ _MODEL_TYPES = {
 
 def architecture(path: Path, metadata: dict[str, Any]) -> str:
     arch = metadata.get("general.architecture")
+    if arch in NOT_YET:
+        raise UnsupportedError(f"{path}: GGUF architecture '{arch}' is not supported yet: {NOT_YET[arch]}")
     if arch not in SUPPORTED_ARCHITECTURES:
         raise UnsupportedError(
             f"{path}: GGUF architecture '{arch}' is not supported (supported: {', '.join(SUPPORTED_ARCHITECTURES)})"

@@ -216,6 +216,18 @@ class DecoderModel(nn.Module):
     def rope_for(self, layer: int) -> RoPE:
         raise NotImplementedError
 
+    def stream_norms(self) -> list[Norm]:
+        """Norms outside the blocks that read the residual stream (or the scaled embeddings)."""
+        return [self.model.norm]
+
+    def kv_shape(self, layer: int) -> tuple[int, int]:
+        """(KV heads, head dim) of ``layer``'s keys and values (the same for every layer by default)."""
+        return self.args.num_key_value_heads, self.args.head_dim
+
+    def export_refusal(self) -> str | None:
+        """Why this model cannot be exported yet (a feature the export would get wrong), or None."""
+        return None
+
     def sanitize(self, weights: dict[str, mx.array]) -> dict[str, mx.array]:
         """Fix-ups of checkpoint weights at load time (a family whose norms store 1 + w folds them)."""
         return weights

@@ -145,7 +145,7 @@ class MILOps:
         begin = [0] * x.rank
         end = list(x.shape[:-1]) + [size]
         half = mb.slice_by_index(x=normed, begin=begin, end=end)
-        return mb.mul(x=half, y=self._vector(norm, "weight"))
+        return mb.mul(x=half, y=self._vector(norm, "weight")) if "weight" in norm else half
 
     def embed(self, ids, table: Embedding, scale: float, rows: range | None = None):
         vocab, hidden = table.weight.shape
@@ -187,6 +187,14 @@ class MILOps:
     def gelu_tanh(self, x):
         return mb.gelu(x=x, mode="TANH_APPROXIMATION")
 
+    def gain(self, x, holder: Any, name: str, factor: float = 1.0):
+        array = holder[name]
+        vector = self.const(f"gain_{name}_{id(array)}_{factor}", lambda: to_numpy(array.astype(mx.float32) * factor))
+        return mb.mul(x=x, y=vector)
+
+    def softcap(self, x, cap: float):
+        return mb.mul(x=mb.tanh(x=mb.mul(x=x, y=np.float16(1.0 / cap))), y=np.float16(cap))
+
     # --- mixture of experts
 
     def route(self, logits, top_k: int, renormalize: bool):
@@ -213,7 +221,8 @@ class MILOps:
         stacked = (E * hidden_size, dims, 1, 1)
         gate = mb.conv(x=x4, weight=self.weight_for("ffn", experts.gate_proj, stacked, None))
         up = mb.conv(x=x4, weight=self.weight_for("ffn", experts.up_proj, stacked, None))
-        hidden = mb.reshape(x=mb.mul(x=mb.silu(x=gate), y=up), shape=[B, E, hidden_size, T])
+        act = mb.silu(x=gate) if experts.activation == "silu" else mb.gelu(x=gate, mode="TANH_APPROXIMATION")
+        hidden = mb.reshape(x=mb.mul(x=act, y=up), shape=[B, E, hidden_size, T])
         per_expert = mb.expand_dims(x=mb.transpose(x=weights, perm=[0, 2, 1]), axes=[2])  # (B, E, 1, T)
         hidden = mb.reshape(x=mb.mul(x=hidden, y=per_expert), shape=[B, E * hidden_size, 1, T])
         down = self.weight_for("ffn", experts.down_proj, (E * dims, hidden_size, 1, 1), None)
@@ -286,6 +295,8 @@ class MILOps:
 
 class MILKVCache:
     """The KV cache as ANEMLL lays it out: one fp16 state (2 * layers, kv_heads, context, head_dim).
+    A layer of fewer KV heads or a smaller head dim (Gemma 4's global layers differ from its sliding
+    ones) uses the leading block of its rows: the state has the largest shape of its layers.
 
     Keys of layer i live in row i, values in row layers + i.  Each update writes the T new rows at
     ``current_pos`` and hands the written value on, so later layers never read the state again.
@@ -321,15 +332,19 @@ class MILKVCache:
         begin, end = self._bounds(row, heads, T, D)
         self.value = mb.slice_update(x=self.value, update=update, begin=begin, end=end)
 
-    def _rows(self, row: int):
+    def _rows(self, row: int, like: Any = None):
+        """Row ``row`` over the whole context; with ``like`` (a layer's k or v), only its heads and
+        head dim: a layer of a smaller KV shape than the state's uses the leading block of its row."""
         _, heads, context, D = self.value.shape
+        if like is not None:
+            heads, D = like.shape[1], like.shape[3]
         return mb.slice_by_index(x=self.value, begin=[row, 0, 0, 0], end=[row + 1, heads, context, D])
 
     def update(self, layer: int, k, v, step: Step):
         self._write(layer, k)
         self._write(self.num_layers + layer, v)
         self.value = mb.coreml_update_state(state=self.state, value=self.value)
-        return self._rows(layer), self._rows(self.num_layers + layer)
+        return self._rows(layer, k), self._rows(self.num_layers + layer, v)
 
 
 class MILWindowedKVCache:
@@ -374,8 +389,9 @@ class MILWindowedKVCache:
             self._caches[kind] = MILKVCache(self.states[kind], self.counts[kind], self.current_pos, self._memo)
         return self._caches[kind]
 
-    def _window_rows(self, value, row: int, tokens: int):
-        _, heads, _, D = value.shape
+    def _window_rows(self, value, row: int, like: Any):
+        """The window of row ``row`` for a layer whose k or v is ``like`` (its heads and head dim)."""
+        heads, tokens, D = like.shape[1], like.shape[2], like.shape[3]
         if not self.rotate:
             return mb.slice_by_index(x=value, begin=[row, 0, 0, 0], end=[row + 1, heads, self.window, D])
         if self._begin is None:
@@ -394,10 +410,9 @@ class MILWindowedKVCache:
         cache._write(cache.num_layers + index, v)
         cache.value = mb.coreml_update_state(state=cache.state, value=cache.value)
         if kind == "global":
-            return cache._rows(index), cache._rows(cache.num_layers + index)
-        tokens = k.shape[2]
-        keys = self._window_rows(cache.value, index, tokens)
-        return keys, self._window_rows(cache.value, cache.num_layers + index, tokens)
+            return cache._rows(index, k), cache._rows(cache.num_layers + index, v)
+        keys = self._window_rows(cache.value, index, k)
+        return keys, self._window_rows(cache.value, cache.num_layers + index, v)
 
     def touch_unused(self) -> None:
         """Keep each state no layer of this chunk used alive: its first (1, 1, 1, head_dim) block,

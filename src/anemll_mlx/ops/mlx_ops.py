@@ -19,6 +19,7 @@ from collections.abc import Callable
 from typing import Any
 
 import mlx.core as mx
+import mlx.nn as nn
 
 from .vocabulary import Embedding, Experts, Linear, Norm, RoPE, Step
 
@@ -66,7 +67,7 @@ class MLXOps:
         return x @ layer.weight.T
 
     def rms_norm(self, x: mx.array, norm: Norm) -> mx.array:
-        return mx.fast.rms_norm(x, norm.weight, norm.eps)
+        return mx.fast.rms_norm(x, norm.weight if "weight" in norm else None, norm.eps)
 
     def embed(self, ids: mx.array, table: Embedding, scale: float, rows: range | None = None) -> mx.array:
         if rows is None:
@@ -99,6 +100,15 @@ class MLXOps:
     def gelu_tanh(self, x: mx.array) -> mx.array:
         return self._at_least_fp32(x, lambda y: 0.5 * y * (1 + mx.tanh(math.sqrt(2 / math.pi) * (y + 0.044715 * y**3))))
 
+    def gain(self, x: mx.array, holder: nn.Module, name: str, factor: float = 1.0) -> mx.array:
+        vector = holder[name]
+        if factor != 1.0:  # the product in float32, rounded once: the exported constant
+            vector = vector.astype(mx.float32) * factor
+        return x * vector.astype(x.dtype)
+
+    def softcap(self, x: mx.array, cap: float) -> mx.array:
+        return self._at_least_fp32(x, lambda y: mx.tanh(y / cap) * cap)
+
     def _at_least_fp32(self, x: mx.array, fn: Callable[[mx.array], mx.array]) -> mx.array:
         """``fn`` of half inputs computed in float32 and rounded once, when ``widen_half``: the
         exported program's one-op ``silu``/``gelu``, and 2-3x faster than MLX's CPU half kernels."""
@@ -127,7 +137,8 @@ class MLXOps:
         B, T, _ = x.shape
         gate = self.matmul(x, experts.gate_proj.weight.reshape(E * hidden_size, dims).T)
         up = self.matmul(x, experts.up_proj.weight.reshape(E * hidden_size, dims).T)
-        hidden = self.tap("mlp_hidden", layer, self.silu(gate) * up).reshape(B, T, E, hidden_size)
+        act = self.silu(gate) if experts.activation == "silu" else self.gelu_tanh(gate)
+        hidden = self.tap("mlp_hidden", layer, act * up).reshape(B, T, E, hidden_size)
         hidden = (hidden * weights[..., None].astype(hidden.dtype)).reshape(B, T, E * hidden_size)
         down = experts.down_proj.weight.transpose(1, 0, 2).reshape(dims, E * hidden_size)
         return self.matmul(hidden, down.T)

@@ -40,11 +40,13 @@ class Linear(nn.Module):
 
 
 class Norm(nn.Module):
-    """RMSNorm gain: the effective multiplier (a family that stores 1 + w folds it at load)."""
+    """RMSNorm gain: the effective multiplier (a family that stores 1 + w folds it at load).
+    ``gain=False``: a norm without a learned gain (no weight at all)."""
 
-    def __init__(self, dims: int, eps: float):
+    def __init__(self, dims: int, eps: float, gain: bool = True):
         super().__init__()
-        self.weight = mx.ones((dims,))
+        if gain:
+            self.weight = mx.ones((dims,))
         self.eps = eps
 
 
@@ -61,11 +63,12 @@ class ExpertLinear(Linear):
 
 
 class Experts(nn.Module):
-    """Routed experts, each a gated MLP down(silu(gate(x)) * up(x)), under mlx-lm's names
-    (``switch_mlp.{gate,up,down}_proj``)."""
+    """Routed experts, each a gated MLP down(act(gate(x)) * up(x)), under mlx-lm's names
+    (``switch_mlp.{gate,up,down}_proj``); ``activation`` "silu" (Qwen) or "gelu_tanh" (Gemma)."""
 
-    def __init__(self, experts: int, dims: int, hidden: int):
+    def __init__(self, experts: int, dims: int, hidden: int, activation: str = "silu"):
         super().__init__()
+        self.activation = activation
         self.gate_proj = ExpertLinear(experts, dims, hidden)
         self.up_proj = ExpertLinear(experts, dims, hidden)
         self.down_proj = ExpertLinear(experts, hidden, dims)
@@ -126,7 +129,9 @@ class RoPE:
 
     @property
     def periods(self) -> mx.array:
-        return mx.array((1.0 / self.inv_freq).astype(np.float32))
+        """1 / inv_freq; a zero frequency (a pair left unrotated by partial rotary) is an infinite period."""
+        with np.errstate(divide="ignore"):
+            return mx.array((1.0 / self.inv_freq).astype(np.float32))
 
     def tables(self) -> tuple[np.ndarray, np.ndarray]:
         """cos and sin of shape (length, head_dim), halves repeated as HF's rotate_half expects."""
@@ -193,6 +198,15 @@ class Ops(Protocol):
     def silu(self, x: Tensor) -> Tensor: ...
 
     def gelu_tanh(self, x: Tensor) -> Tensor: ...
+
+    def gain(self, x: Tensor, holder: nn.Module, name: str, factor: float = 1.0) -> Tensor:
+        """``x`` times the learned vector ``holder.<name>`` (times ``factor``), broadcast over the
+        last axis: a gain stored under a checkpoint's own name (Gemma 4's ``layer_scalar``)."""
+        ...
+
+    def softcap(self, x: Tensor, cap: float) -> Tensor:
+        """cap * tanh(x / cap): logit soft-capping."""
+        ...
 
     def split_heads(self, x: Tensor, heads: int, head_dim: int) -> Tensor: ...
 
