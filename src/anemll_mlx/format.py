@@ -169,6 +169,83 @@ def logits_pieces(names: list[str]) -> list[str]:
     return sorted(pieces, key=lambda n: int(n[len("logits") :]))
 
 
+# --- mixture-of-experts exports (ours: ANEMLL 0.3.5 has no MoE format) ------------------------
+
+# A mixture-of-experts layer too large for one program (or exported for routed execution) becomes
+# an attention part and expert packs, all numbered as FFN chunks in the order a host runs them:
+#   attention part: the chunk interface, + output EXPERT_WEIGHTS (1, T, experts): the router's
+#                   weights, zero outside the top k; output_hidden_states is the residual h after
+#                   attention (before the experts);
+#   expert pack:    functions infer/prefill without a state: hidden_states (h) and expert_weights
+#                   -> EXPERT_OUTPUT (1, T, H), the weighted sum of its experts on the normed h.
+# The host adds h and the packs' outputs (in float32, once, rounded to fp16) for the layer's output.
+# Dense mode calls every pack; routed mode only the packs holding an expert of nonzero weight.
+EXPERT_WEIGHTS = "expert_weights"
+EXPERT_OUTPUT = "expert_output"
+LAYERS, ATTENTION, EXPERTS = "layers", "attention", "experts"  # the kinds of chunk
+MOE_MODES = ("dense", "routed")
+
+
+@dataclass(frozen=True)
+class ChunkRole:
+    """What one FFN chunk computes: a range of whole layers, a layer's attention part (with its
+    router), or a pack of a layer's experts."""
+
+    kind: str  # LAYERS | ATTENTION | EXPERTS
+    layers: range
+    experts: range | None = None  # an expert pack's experts
+
+    def to_dict(self) -> dict:
+        if self.kind == LAYERS:
+            return {"kind": self.kind, "layers": [self.layers.start, self.layers.stop]}
+        out: dict[str, Any] = {"kind": self.kind, "layer": self.layers.start}
+        if self.experts is not None:
+            out["experts"] = [self.experts.start, self.experts.stop]
+        return out
+
+    @classmethod
+    def from_dict(cls, d: dict) -> ChunkRole:
+        kind = str(d["kind"])
+        if kind == LAYERS:
+            return cls(kind, range(int(d["layers"][0]), int(d["layers"][1])))
+        if kind not in (ATTENTION, EXPERTS):
+            raise ValueError(f"unknown chunk kind '{kind}'")
+        layer = int(d["layer"])
+        experts = range(int(d["experts"][0]), int(d["experts"][1])) if kind == EXPERTS else None
+        return cls(kind, range(layer, layer + 1), experts)
+
+
+@dataclass(frozen=True)
+class MoELayout:
+    """meta.yaml's ``anemll_mlx.moe``: the role of every chunk, the execution mode hosts use by
+    default, and whether the LM head applies the final norm (when the last chunk is an expert pack)."""
+
+    roles: list[ChunkRole]
+    mode: str  # MOE_MODES
+    num_experts: int
+    top_k: int
+    final_norm_in_lm_head: bool
+
+    def to_dict(self) -> dict:
+        return {
+            "mode": self.mode,
+            "num_experts": self.num_experts,
+            "experts_per_token": self.top_k,
+            "final_norm_in_lm_head": self.final_norm_in_lm_head,
+            "chunks": [r.to_dict() for r in self.roles],
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict) -> MoELayout:
+        return cls(
+            roles=[ChunkRole.from_dict(r) for r in d["chunks"]],
+            mode=str(d["mode"]),
+            num_experts=int(d["num_experts"]),
+            top_k=int(d["experts_per_token"]),
+            final_norm_in_lm_head=bool(d.get("final_norm_in_lm_head", False)),
+        )
+
+
 # --- the KV state -------------------------------------------------------------------------------
 
 KV_STATE = "model.model.kv_cache_0"  # ANEMLL's name for the one shared state
@@ -297,6 +374,7 @@ class ExportMeta:
     # "qat_json_sha256": sha256 of its qat.json, "parts": [the parts whose tables it gave]}
     lut_source: dict | None = None
     missing_info: list[str] = field(default_factory=list)  # model_info keys ANEMLL reads that are absent
+    moe: MoELayout | None = None  # an export with attention parts and expert packs (ours)
 
     @property
     def split_lm_head(self) -> int:
@@ -371,6 +449,8 @@ class ExportMeta:
             }
         if self.lut_source is not None:
             ours["lut_source"] = self.lut_source
+        if self.moe is not None:
+            ours["moe"] = self.moe.to_dict()
         states = self.kv_states or []
         if len(states) == 1 and states[0].name == KV_STATE:
             ours["kv_state"] = {"name": KV_STATE, "shape": list(states[0].shape)}
@@ -436,6 +516,7 @@ class ExportMeta:
             calibration=_read_calibration(ours, where),
             lut_source=ours.get("lut_source") if isinstance(ours.get("lut_source"), dict) else None,
             missing_info=[k for k in MODEL_INFO_KEYS if k not in info],
+            moe=_read_moe(ours, where, chunks),
         )
 
 
@@ -493,6 +574,19 @@ def _read_lut(params: dict, name: str) -> LUTSetting | None:
         return None
     group = params.get(f"lut_{name}_per_channel")
     return LUTSetting(int(bits), int(group) if group else None)
+
+
+def _read_moe(ours: dict, where: str, chunks: int) -> MoELayout | None:
+    block = ours.get("moe")
+    if block is None:
+        return None
+    try:
+        layout = MoELayout.from_dict(block)
+    except (KeyError, TypeError, ValueError, IndexError) as e:
+        raise CorruptModelError(f"{where} anemll_mlx.moe is malformed ({type(e).__name__}: {e})") from None
+    if len(layout.roles) != chunks or layout.mode not in MOE_MODES:
+        raise CorruptModelError(f"{where} anemll_mlx.moe names {len(layout.roles)} chunks (num_chunks {chunks}) or a bad mode")
+    return layout
 
 
 def _read_states(ours: dict) -> list[KVState] | None:

@@ -73,8 +73,13 @@ def _expected_states(meta: fmt.ExportMeta, problems: list[str]) -> dict[str, lis
     return {fmt.LOCAL_STATE: None, fmt.GLOBAL_STATE: None}
 
 
-def _check_chunk(spec, meta: fmt.ExportMeta, states: dict[str, list[int] | None]) -> list[str]:
-    """Problems of one FFN chunk: its functions, their inputs, output and state(s)."""
+def _check_chunk(
+    spec, meta: fmt.ExportMeta, states: dict[str, list[int] | None], role: fmt.ChunkRole | None = None
+) -> list[str]:
+    """Problems of one FFN chunk: its functions, their inputs, output and state(s); an expert pack
+    or attention part (``role``, from meta.yaml's ``anemll_mlx.moe``) by its own interface."""
+    if role is not None and role.kind == fmt.EXPERTS:
+        return _check_pack(spec, meta)
     problems = []
     functions = {f.name: f for f in spec.description.functions}
     for kind in fmt.chunk_functions(meta.batch, rotate=meta.window is not None):
@@ -96,8 +101,9 @@ def _check_chunk(spec, meta: fmt.ExportMeta, states: dict[str, list[int] | None]
             elif (shape and inputs[key][0] != shape) or inputs[key][1] != dtype:
                 problems.append(f"{name}: input '{key}' is {inputs[key][0]}, expected {shape}")
         outputs = [o.name for o in f.output]
-        if outputs != [fmt.OUTPUT_HIDDEN_STATES]:
-            problems.append(f"{name}: outputs {outputs}, expected ['{fmt.OUTPUT_HIDDEN_STATES}']")
+        expected = [fmt.OUTPUT_HIDDEN_STATES] + ([fmt.EXPERT_WEIGHTS] if role and role.kind == fmt.ATTENTION else [])
+        if outputs != expected:
+            problems.append(f"{name}: outputs {outputs}, expected {expected}")
         declared = {fmt.stored_state_name(s.name): list(s.type.stateType.arrayType.shape) for s in f.state}
         problems += _check_states(name, declared, states, meta.context)
     return problems
@@ -162,6 +168,35 @@ def _read_part(path: Path, functions: bool = False) -> tuple[PartReport, object 
         return PartReport(path.name, [], _size_mb(path), "-", [f"cannot be read ({reason})"]), None
 
 
+def _check_pack(spec, meta: fmt.ExportMeta) -> list[str]:
+    """An expert pack: infer and prefill, hidden_states and expert_weights in, expert_output out, no state."""
+    problems = []
+    functions = {f.name: f for f in spec.description.functions}
+    experts = meta.moe.num_experts if meta.moe else None
+    for kind in fmt.chunk_functions(meta.batch, rotate=False):
+        name, tokens = kind.name, kind.tokens
+        if name not in functions:
+            problems.append(f"no function '{name}'")
+            continue
+        f = functions[name]
+        inputs = _arrays(f.input)
+        want = {
+            fmt.HIDDEN_STATES: [1, tokens, meta.hidden_size] if meta.hidden_size else None,
+            fmt.EXPERT_WEIGHTS: [1, tokens, experts] if experts else None,
+        }
+        for key, shape in want.items():
+            if key not in inputs:
+                problems.append(f"{name}: no input '{key}'")
+            elif (shape and inputs[key][0] != shape) or inputs[key][1] != FP16:
+                problems.append(f"{name}: input '{key}' is {inputs[key][0]}, expected {shape}")
+        outputs = [o.name for o in f.output]
+        if outputs != [fmt.EXPERT_OUTPUT]:
+            problems.append(f"{name}: outputs {outputs}, expected ['{fmt.EXPERT_OUTPUT}']")
+        if len(f.state):
+            problems.append(f"{name}: an expert pack declares a state")
+    return problems
+
+
 def head_pieces(meta: fmt.ExportMeta, programs: int) -> list[range]:
     """Which LM-head pieces each of ``programs`` LM-head programs holds."""
     counts = meta.head_part_pieces or [meta.split_lm_head] * programs
@@ -188,7 +223,11 @@ def inspect_export(folder: str | Path, warn_mb: float = DEFAULT_BUDGET_MB) -> tu
     checks: list[tuple[Path, bool, Callable[[Any], list[str]]]] = [
         (path, False, lambda spec: _check_embeddings(spec, meta)) for path in export.embeddings
     ]
-    checks += [(chunk, True, lambda spec: _check_chunk(spec, meta, states)) for chunk in export.chunks]
+    roles: list[fmt.ChunkRole | None] = list(meta.moe.roles) if meta.moe else [None] * len(export.chunks)
+    checks += [
+        (chunk, True, partial(_check_chunk, meta=meta, states=states, role=role))
+        for chunk, role in zip(export.chunks, roles)
+    ]
     checks += [
         (path, False, partial(_check_lm_head, meta=meta, pieces=pieces))
         for path, pieces in zip(export.lm_head, head_pieces(meta, len(export.lm_head)))

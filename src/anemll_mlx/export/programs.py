@@ -74,11 +74,42 @@ def _chunk_inputs(model: DecoderModel, tokens: int, context: int) -> dict:
 
 
 def chunk_program(
-    model: DecoderModel, ops: MILOps, layers: range, functions: list[fmt.ChunkFunction], context: int, last: bool
+    model: DecoderModel,
+    ops: MILOps,
+    layers: range,
+    functions: list[fmt.ChunkFunction],
+    context: int,
+    last: bool,
+    role: fmt.ChunkRole | None = None,
 ) -> Program:
-    """One FFN chunk: a function per entry of ``functions`` (``chunk_functions``), ``infer`` the default."""
-    traced = {f.name: chunk_function(model, ops, layers, f.tokens, context, last, f.rotate) for f in functions}
+    """One FFN chunk: a function per entry of ``functions`` (``chunk_functions``), ``infer`` the
+    default; with a ``role`` of a mixture-of-experts layer, its attention part or an expert pack."""
+    if role is not None and role.kind == fmt.EXPERTS:
+        assert role.experts is not None
+        traced = {f.name: experts_function(model, ops, role.layers.start, role.experts, f.tokens) for f in functions}
+    else:
+        attention = role is not None and role.kind == fmt.ATTENTION
+        traced = {
+            f.name: chunk_function(model, ops, layers, f.tokens, context, last, f.rotate, attention) for f in functions
+        }
     return _program(traced, default=fmt.INFER)
+
+
+def experts_function(model: DecoderModel, ops: MILOps, layer: int, experts: range, tokens: int) -> Function:
+    """An expert pack (no state): the residual after attention and the router's weights ->
+    the weighted sum of ``experts`` (``format.EXPERT_OUTPUT``)."""
+    count = model.experts_in(layer)
+    assert count is not None
+    specs = {
+        fmt.HIDDEN_STATES: mb.TensorSpec((1, tokens, model.args.hidden_size), dtype=types.fp16),
+        fmt.EXPERT_WEIGHTS: mb.TensorSpec((1, tokens, count.count), dtype=types.fp16),
+    }
+
+    def body(i):
+        y = model.forward_experts(ops, i[fmt.HIDDEN_STATES], i[fmt.EXPERT_WEIGHTS], layer, experts)
+        return [mb.identity(x=y, name=fmt.EXPERT_OUTPUT)]
+
+    return _function(specs, body)
 
 
 def chunk_function(
@@ -89,6 +120,7 @@ def chunk_function(
     context: int,
     last: bool,
     rotate: bool = False,
+    attention: bool = False,
 ) -> Function:
     """Layers ``layers`` over ``tokens`` new tokens at ``current_pos``, reading/writing the KV state(s).
 
@@ -125,6 +157,9 @@ def chunk_function(
             )  # fmt: skip
             masks = {"global": mask, "sliding": local}
         step = Step(positions=i[fmt.POSITION_IDS], masks=masks, cache=cache)
+        if attention:  # a mixture-of-experts layer's attention part: the residual and the router's weights
+            h, weights = model.forward_attention(ops, i[fmt.HIDDEN_STATES], step, layers.start)
+            return [mb.identity(x=h, name=fmt.OUTPUT_HIDDEN_STATES), mb.identity(x=weights, name=fmt.EXPERT_WEIGHTS)]
         h = model.forward_layers(ops, i[fmt.HIDDEN_STATES], step, layers)
         if windowed is not None:
             windowed.touch_unused()
@@ -136,17 +171,25 @@ def chunk_function(
 
 
 def lm_head_program(
-    model: DecoderModel, ops: MILOps, sizes: list[int], argmax: bool, first_piece: int = 0, first_row: int = 0
+    model: DecoderModel,
+    ops: MILOps,
+    sizes: list[int],
+    argmax: bool,
+    first_piece: int = 0,
+    first_row: int = 0,
+    final_norm: bool = False,
 ) -> Program:
     """Final hidden state (1, 1, hidden) -> logits in pieces, or each piece's argmax and its value.
 
     One program of a split head holds the pieces from ``first_piece`` (whose rows start at
     ``first_row``), and its outputs continue the numbering: logits{first_piece + 1}, ...
+    With ``final_norm`` (the last chunk is an expert pack) it applies the model's final norm first.
     """
     specs = {fmt.HIDDEN_STATES: mb.TensorSpec((1, 1, model.args.hidden_size), dtype=types.fp16)}
 
     def body(i):
-        pieces = model.logits(ops, i[fmt.HIDDEN_STATES], sizes, first_row)
+        h = model.final_norm(ops, i[fmt.HIDDEN_STATES]) if final_norm else i[fmt.HIDDEN_STATES]
+        pieces = model.logits(ops, h, sizes, first_row)
         if not argmax:
             return [mb.identity(x=p, name=fmt.logits_name(first_piece + n)) for n, p in enumerate(pieces)]
         flat = [mb.reshape(x=p, shape=[1, -1]) for p in pieces]

@@ -110,6 +110,23 @@ class Block(nn.Module):
         mlp = ops.tap("mlp_out", layer, self.mlp(ops, ops.rms_norm(h, self.post_attention_layernorm), layer))
         return ops.tap("residual", layer, ops.add(h, mlp))
 
+    def attention_part(self, ops: Ops, x: Tensor, layer: int, rope: RoPE, step: Step) -> tuple[Tensor, Tensor]:
+        """A sparse layer's first export part: the attention and its residual ``h``, and the
+        router's weights (B, T, experts; zero outside the top k) over the normed ``h``."""
+        attn = self.self_attn(ops, ops.rms_norm(x, self.input_layernorm), layer, rope, step)
+        h = ops.add(x, attn)
+        moe = self.mlp
+        assert isinstance(moe, SparseMoE)
+        logits = ops.linear(ops.rms_norm(h, self.post_attention_layernorm), moe.gate)
+        return h, ops.route(logits, moe.top_k, moe.norm_topk_prob)
+
+    def experts_part(self, ops: Ops, h: Tensor, weights: Tensor, layer: int, experts: range) -> Tensor:
+        """An expert pack: the weighted sum of experts ``experts`` on the normed ``h`` (the
+        residual is added by whoever sums the packs)."""
+        moe = self.mlp
+        assert isinstance(moe, SparseMoE)
+        return ops.experts(ops.rms_norm(h, self.post_attention_layernorm), moe.switch_mlp, weights, layer, experts)
+
     def branch_outputs(self) -> list[Linear | Norm]:
         # a sparse layer's branch ends in every expert's down_proj (one stacked holder)
         return [self.self_attn.o_proj, self.mlp.down_proj]

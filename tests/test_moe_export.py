@@ -1,0 +1,183 @@
+"""Mixture-of-experts exports in parts: each sparse layer an attention part (attention + router)
+and expert packs under the size budget, run by the export host in dense mode (every pack) and
+routed mode (only the packs holding a chosen expert); ``plan`` from a config alone, the real
+Qwen3-30B-A3B config within the default budget, and an expert larger than the budget refused."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+from anemll_mlx import format as fmt
+from anemll_mlx.eval.compare import compare
+from anemll_mlx.eval.prompts import default_prompts
+from anemll_mlx.export import ExportOptions, export_model
+from anemll_mlx.export.conformance import inspect_export
+from anemll_mlx.export.plan import MB, Speed, plan_export
+from anemll_mlx.loading import load
+from anemll_mlx.models import build_model
+from anemll_mlx.quant.lut import LUTConfig, parse_lut_spec
+from anemll_mlx.runtime.drivers import MLXDriver, open_driver
+from cli_runner import assert_one_error, run_cli
+from tiny_models import scale_weights
+
+DATA = Path(__file__).parent / "data"
+QWEN3_30B = DATA / "qwen3_30b_a3b_config.json"
+CLI = Path(sys.executable).parent / "anemll-mlx"
+# 16 experts of 12 KB, top-4; layer 1 dense (a 32-unit MLP).  At 0.07 MB an attention part
+# (~50 KB) fits and a pack holds 5 experts: 4 packs of 4 per sparse layer.
+OVERRIDES = {"num_experts": 16, "intermediate_size": 32}
+BUDGET_MB = 0.07
+CONTEXT, BATCH, STEPS, PROMPTS, PROMPT_TOKENS = 64, 16, 24, 3, 24
+
+
+@pytest.fixture(scope="module")
+def moe(tiny_model_factory) -> Path:
+    return tiny_model_factory("qwen3_moe", **OVERRIDES)
+
+
+@pytest.fixture(scope="module")
+def packed(moe, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("moe") / "packed"
+    export_model(load(moe, "float32"), out, ExportOptions(context=CONTEXT, batch=BATCH, max_chunk_mb=BUDGET_MB))
+    return out
+
+
+def test_the_plan_splits_sparse_layers_into_attention_and_packs(moe):
+    plan = plan_export(load(moe).model, "auto", BUDGET_MB, LUTConfig(), "auto")
+    kinds = [(r.kind, r.layers.start, r.experts) for r in plan.roles]
+    packs = [range(0, 4), range(4, 8), range(8, 12), range(12, 16)]
+    expected = [(fmt.ATTENTION, 0, None), *[(fmt.EXPERTS, 0, p) for p in packs], (fmt.LAYERS, 1, None)]
+    for layer in (2, 3):
+        expected += [(fmt.ATTENTION, layer, None), *[(fmt.EXPERTS, layer, p) for p in packs]]
+    assert kinds == expected
+    assert max(plan.chunk_bytes + plan.head_bytes + plan.embed_bytes) <= BUDGET_MB * MB
+    assert plan.final_norm_in_head  # the last chunk is a pack: the LM head normalises the sum
+    # routed: a pack of 4 of 16 experts is skipped when none of the top 4 is in it
+    p_call = 1 - (12 * 11 * 10 * 9) / (16 * 15 * 14 * 13)
+    dense, routed = plan.estimate("dense"), plan.estimate("routed")
+    assert dense.calls == 1 + len(plan.chunks) + 1
+    assert routed.calls == pytest.approx(dense.calls - 12 * (1 - p_call))
+    assert routed.weight_bytes < dense.weight_bytes and plan.moe_mode == "routed"  # the faster
+
+
+def test_meta_records_the_layout_and_inspect_accepts_it(packed):
+    meta = yaml.safe_load((packed / "meta.yaml").read_text())
+    moe = meta["anemll_mlx"]["moe"]
+    assert moe["mode"] == "routed" and moe["num_experts"] == 16 and moe["experts_per_token"] == 4
+    assert moe["final_norm_in_lm_head"] is True
+    assert moe["chunks"][:2] == [{"kind": "attention", "layer": 0}, {"kind": "experts", "layer": 0, "experts": [0, 4]}]
+    assert moe["chunks"][5] == {"kind": "layers", "layers": [1, 2]}
+    assert meta["model_info"]["parameters"]["num_chunks"] == len(moe["chunks"]) == 16
+    parts, problems = inspect_export(packed, BUDGET_MB)
+    assert problems == [] and all(not p.problems for p in parts), [p.problems for p in parts]
+
+
+def _prompts(folder: Path) -> list[list[int]]:
+    tok = load(folder, "float32").tokenizer
+    return [tok.encode_prompt(text, chat=False)[:PROMPT_TOKENS] for text in default_prompts()[:PROMPTS]]
+
+
+@pytest.mark.slow
+def test_fp16_export_in_both_modes_matches_mlx_fp32(moe, packed):
+    """Dense and routed execution of the same packs: KL < 1e-3 and every greedy token as MLX
+    float32's; routed computes exactly what dense does (a skipped pack's weights are all zero)
+    with fewer calls."""
+    prompts = _prompts(moe)
+    results, calls = {}, {}
+    for mode in fmt.MOE_MODES:
+        reference = MLXDriver(load(moe, "float32"), "mlx@fp32", context=CONTEXT)
+        host = open_driver(f"mil:{packed}+moe={mode}")
+        assert host.moe_mode == mode
+        summary = compare(reference, host, prompts, STEPS).summary
+        print(mode, {k: summary[k] for k in ("kl_mean", "kl_max", "match_rate")}, "calls", host.calls)
+        assert summary["kl_mean"] < 1e-3 and summary["match_rate"] == 1.0, summary
+        host.reset()
+        first = host.prefill(prompts[0])
+        before = host.calls
+        results[mode] = [first, host.decode(int(np.argmax(first)))]
+        calls[mode] = host.calls - before
+    np.testing.assert_array_equal(results["dense"][0], results["routed"][0])
+    np.testing.assert_array_equal(results["dense"][1], results["routed"][1])
+    assert calls["dense"] == 1 + 16 + 1 and calls["routed"] < calls["dense"], calls
+
+
+def _cli(*args) -> subprocess.CompletedProcess:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    return subprocess.run([str(CLI), *map(str, args)], capture_output=True, text=True, env=env, timeout=900)
+
+
+@pytest.mark.slow
+def test_golden_gate_passes_and_fails_when_one_expert_is_perturbed(moe, packed, tmp_path):
+    golden = tmp_path / "golden.npz"
+    prompts = ["--prompt", "Hello there", "--prompt", "What is the capital of France?"]
+    done = _cli("compare", "--reference", f"mlx:{moe}", "--save-golden", golden, *prompts, "--max-tokens", "6")
+    assert done.returncode == 0, done.stderr
+    for mode in fmt.MOE_MODES:
+        done = _cli("compare", "--golden", golden, "--candidate", f"mil:{packed}+moe={mode}")
+        assert done.returncode == 0 and "greedy tokens identical" in done.stdout, done.stdout + done.stderr
+    perturbed = tmp_path / "perturbed"
+    shutil.copytree(moe, perturbed)
+    scale_weights(perturbed, r"layers\.0\.mlp\.experts\.5\.", 10.0)  # gate, up and down of one expert
+    out = tmp_path / "perturbed-export"
+    export_model(load(perturbed, "float32"), out, ExportOptions(context=CONTEXT, batch=BATCH, max_chunk_mb=BUDGET_MB))
+    done = _cli("compare", "--golden", golden, "--candidate", f"mil:{out}")
+    assert done.returncode == 1 and "gate:" in done.stdout, done.stdout + done.stderr
+
+
+# --- plan from a config alone ---------------------------------------------------------------------
+
+
+def test_plan_of_qwen3_30b_a3b_keeps_every_part_within_250_mb():
+    """128 experts of 9 MB (fp16) per layer: 5 packs of 25-26 plus the attention part, 48 layers."""
+    model = build_model(json.loads(QWEN3_30B.read_text()))
+    for lut in (LUTConfig(), LUTConfig(ffn=parse_lut_spec("4"), lm_head=parse_lut_spec("4"))):
+        plan = plan_export(model, "auto", 250.0, lut, "auto")
+        sizes = plan.embed_bytes + plan.chunk_bytes + plan.head_bytes
+        assert max(sizes) <= 250 * MB
+        assert sum(1 for r in plan.roles if r.kind == fmt.ATTENTION) == 48
+        dense, routed = plan.estimate("dense"), plan.estimate("routed")
+        assert routed.seconds < dense.seconds
+    fp16 = plan_export(model, "auto", 250.0, LUTConfig(), "auto")
+    assert len(fp16.chunks) == 48 * 6 and [len(r.experts) for r in fp16.roles[1:6]] == [26, 26, 26, 25, 25]
+    assert fp16.estimate("dense", Speed(120, 3)).calls == 3 + 288 + 3
+
+
+def test_plan_cli_prints_parts_and_estimates_per_mode():
+    done = run_cli("plan", QWEN3_30B, "--bandwidth", "120", "--call-ms", "3")
+    assert done.exit_code == 0, done.stdout + done.stderr
+    out = done.stdout
+    assert "294 programs (3 embeddings, 288 FFN chunks, 3 lm_head)" in out
+    assert "expert packs: 240 over 48 layers (128 experts, top 8); default mode routed" in out
+    assert "dense: 294.0 calls" in out and "routed: 255.9 calls" in out and "at 120 GB/s and 3 ms per call" in out
+
+
+def test_plan_cli_works_for_a_dense_family_from_its_folder(tiny_models):
+    done = run_cli("plan", tiny_models["llama"])
+    assert done.exit_code == 0, done.stdout + done.stderr
+    assert "FFN chunk 01of01" in done.stdout and "dense:" in done.stdout and "routed" not in done.stdout
+
+
+def test_an_expert_larger_than_the_budget_is_one_error_naming_it(tiny_model_factory, tmp_path):
+    """Experts of 3 x 512 x 64 (192 KB) against a 0.1 MB budget, which the attention part fits."""
+    folder = tiny_model_factory("qwen3_moe", moe_intermediate_size=512)
+    assert_one_error(run_cli("plan", folder / "config.json", "--max-chunk-mb", "0.1"), "expert 0 of layer 0 (one of its 8) needs 0.188 MB")
+    done = run_cli("export", folder, "--out", tmp_path / "out", "--max-chunk-mb", "0.1", "--fp16-scale", "none", "--context", "64")
+    assert_one_error(done, "expert 0 of layer 0")
+    assert not (tmp_path / "out").exists()
+
+
+def test_routed_needs_packs_and_bad_modes_are_refused(tiny_models, tmp_path):
+    assert_one_error(run_cli("plan", tiny_models["qwen3_moe"], "--moe-mode", "sparse"), "--moe-mode must be one of")
+    plan = plan_export(load(tiny_models["qwen3_moe"]).model, "auto", 250.0, LUTConfig(), "auto", "routed")
+    assert plan.split_experts and plan.moe_mode == "routed"
+    whole = plan_export(load(tiny_models["qwen3_moe"]).model, "auto", 250.0, LUTConfig(), "auto", "dense")
+    assert not whole.split_experts and whole.modes() == ["dense"]
