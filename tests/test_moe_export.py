@@ -79,6 +79,9 @@ def test_meta_records_the_layout_and_inspect_accepts_it(packed):
     assert meta["model_info"]["parameters"]["num_chunks"] == len(moe["chunks"]) == 16
     parts, problems = inspect_export(packed, BUDGET_MB)
     assert problems == [] and all(not p.problems for p in parts), [p.problems for p in parts]
+    done = run_cli("inspect", packed, "--max-chunk-mb", BUDGET_MB)
+    assert done.exit_code == 0, done.stdout
+    assert "  dense: 18.0 calls" in done.stdout and "  routed: " in done.stdout  # 1 + 16 + 1 programs
 
 
 def _prompts(folder: Path) -> list[list[int]]:

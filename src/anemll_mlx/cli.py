@@ -509,13 +509,19 @@ def _stage_progress(name: str) -> Iterator:
 def inspect(
     folder: Annotated[str, typer.Argument(help="Export folder (with meta.yaml)")],
     max_chunk_mb: Annotated[float, typer.Option(help="Warn about programs larger than this (MB)")] = 250.0,
+    bandwidth: Annotated[float, typer.Option(help="Weight bandwidth of the decode estimate, GB/s")] = 120.0,
+    call_ms: Annotated[float, typer.Option(help="Overhead of one Core ML call in the estimate, ms")] = 3.0,
 ) -> None:
-    """Check an export against ANEMLL's format; exit 1 when something is off."""
-    from .export.conformance import inspect_export
+    """Check an export against ANEMLL's format, with its estimated decode speed per execution
+    mode; exit 1 when something is off."""
+    from .export.conformance import export_estimates, inspect_export
+    from .export.plan import Speed
 
     with user_errors():
         if not max_chunk_mb > 0:
             raise BadArgumentError(f"--max-chunk-mb must be > 0, got {max_chunk_mb}")
+        if not (bandwidth > 0 and call_ms >= 0):
+            raise BadArgumentError(f"--bandwidth must be > 0 and --call-ms >= 0, got {bandwidth:g} and {call_ms:g}")
         parts, problems = inspect_export(folder, max_chunk_mb)
     table = Table(title=str(folder), box=box.SIMPLE_HEAD, show_edge=False, padding=(0, 1), collapse_padding=True)
     table.add_column("package", no_wrap=True)  # names are what a user greps for: never cut them
@@ -530,6 +536,12 @@ def inspect(
             print(f"warning: {p.name}: {w}")
     for q in problems:
         print(f"problem: {q}")
+    if parts and all(p.mb > 0 for p in parts):
+        estimates = export_estimates(folder, parts, Speed(bandwidth, call_ms))
+        if estimates:
+            print("estimated per decoded token (program sizes on disk):")
+        for e in estimates:
+            print("  " + e.line())
     print("conforms to the ANEMLL layout" if not problems else f"{len(problems)} problem(s)")
     if problems:
         raise typer.Exit(1)

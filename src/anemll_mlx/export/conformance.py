@@ -6,6 +6,7 @@ every deviation from ``anemll_mlx.format``; an empty list means the folder is go
 
 from __future__ import annotations
 
+import math
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -18,7 +19,7 @@ import numpy as np
 
 from .. import format as fmt
 from ..errors import CorruptModelError
-from .plan import ANE_MAX_CHANNELS, DEFAULT_BUDGET_MB, MB
+from .plan import ANE_MAX_CHANNELS, DEFAULT_BUDGET_MB, MB, Estimate, Speed, estimate_parts
 
 FP16, INT32 = 65552, 131104  # Core ML ArrayFeatureType data type codes
 
@@ -195,6 +196,28 @@ def _check_pack(spec, meta: fmt.ExportMeta) -> list[str]:
         if len(f.state):
             problems.append(f"{name}: an expert pack declares a state")
     return problems
+
+
+def export_estimates(folder: str | Path, parts: list[PartReport], speed: Speed = Speed()) -> list[Estimate]:
+    """Per decoded token and execution mode, the calls, weight bytes and time of an export, from
+    its parts' sizes on disk (``parts`` as ``inspect_export`` gives them, in program order)."""
+    meta = fmt.read_export(folder, must_exist=False).meta
+    files = meta.files
+    sizes = [int(p.mb * MB) for p in parts]
+    n_embed, n_chunks = len(files.embeddings), len(files.chunks)
+    if len(sizes) != n_embed + n_chunks + len(files.lm_head):
+        return []
+    bits = meta.lut.get("embeddings")
+    row = math.ceil((meta.hidden_size or 0) * (bits.bits if bits else 16) / 8)
+    moe = meta.moe
+    modes = list(fmt.MOE_MODES) if moe else ["dense"]
+    return [
+        estimate_parts(
+            n_embed, row, sizes[n_embed : n_embed + n_chunks], sizes[n_embed + n_chunks :],
+            moe.roles if moe else None, moe.num_experts if moe else 0, moe.top_k if moe else 0, mode, speed,
+        )  # fmt: skip
+        for mode in modes
+    ]
 
 
 def head_pieces(meta: fmt.ExportMeta, programs: int) -> list[range]:

@@ -121,24 +121,14 @@ class ExportPlan:
         """The execution modes this layout allows: routed needs expert packs."""
         return ["dense", "routed"] if self.split_experts else ["dense"]
 
-    def call_probability(self, index: int) -> float:
-        """How likely a decoded token calls chunk ``index`` in routed mode: for a pack of p of E
-        experts with k chosen uniformly, 1 - C(E - p, k) / C(E, k); 1 for any other chunk."""
-        role = self.roles[index] if self.roles else None
-        if role is None or role.experts is None:
-            return 1.0
-        E, k, p = self.num_experts, self.top_k, len(role.experts)
-        return 1.0 - math.comb(E - p, k) / math.comb(E, k)
-
     def estimate(self, mode: str = "dense", speed: Speed = Speed()) -> Estimate:
-        """Calls and weight bytes per decoded token (see ``Estimate``).  Every embeddings program
-        is called and reads one row; every LM-head program reads all its weights."""
+        """Calls and weight bytes per decoded token (see ``estimate_parts``)."""
         if mode not in self.modes():
             raise BadArgumentError(f"--moe-mode {mode} needs expert packs: this plan has none")
-        chunk_p = [self.call_probability(i) if mode == "routed" else 1.0 for i in range(len(self.chunks))]
-        calls = len(self.embed_parts) + sum(chunk_p) + len(self.head_parts)
-        read = self.embed_row_bytes + sum(p * b for p, b in zip(chunk_p, self.chunk_bytes)) + sum(self.head_bytes)
-        return Estimate(mode, calls, read, speed)
+        return estimate_parts(
+            len(self.embed_parts), self.embed_row_bytes, self.chunk_bytes, self.head_bytes,
+            self.roles, self.num_experts, self.top_k, mode, speed,
+        )  # fmt: skip
 
     @property
     def head_sizes(self) -> list[int]:
@@ -164,6 +154,38 @@ class ExportPlan:
             label = "lm_head" + (f" {i + 1:02d}of{len(self.head_parts):02d}" if len(self.head_parts) > 1 else "")
             out.append((f"{label} ({len(part)} pieces)", "-", nbytes / MB))
         return out
+
+
+def call_probability(role: fmt.ChunkRole | None, num_experts: int, top_k: int) -> float:
+    """How likely a decoded token calls a chunk in routed mode: for a pack of p of E experts with
+    k chosen uniformly at random, 1 - C(E - p, k) / C(E, k); 1 for any other chunk."""
+    if role is None or role.experts is None:
+        return 1.0
+    p = len(role.experts)
+    return 1.0 - math.comb(num_experts - p, top_k) / math.comb(num_experts, top_k)
+
+
+def estimate_parts(
+    embed_programs: int,
+    embed_row_bytes: int,
+    chunk_bytes: list[int],
+    head_bytes: list[int],
+    roles: list[fmt.ChunkRole] | None,
+    num_experts: int,
+    top_k: int,
+    mode: str,
+    speed: Speed,
+) -> Estimate:
+    """Per decoded token: every embeddings program is called and reads one row; every chunk is
+    called and read whole (routed mode: an expert pack with ``call_probability``); every LM-head
+    program reads all its weights."""
+    p = [
+        call_probability(roles[i] if roles else None, num_experts, top_k) if mode == "routed" else 1.0
+        for i in range(len(chunk_bytes))
+    ]
+    calls = embed_programs + sum(p) + len(head_bytes)
+    read = embed_row_bytes + sum(q * b for q, b in zip(p, chunk_bytes)) + sum(head_bytes)
+    return Estimate(mode, calls, read, speed)
 
 
 def split_layers(num_layers: int, chunks: int) -> list[range]:
