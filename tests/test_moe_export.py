@@ -33,7 +33,7 @@ DATA = Path(__file__).parent / "data"
 QWEN3_30B = DATA / "qwen3_30b_a3b_config.json"
 CLI = Path(sys.executable).parent / "anemll-mlx"
 # 16 experts of 12 KB, top-4; layer 1 dense (a 32-unit MLP).  At 0.07 MB an attention part
-# (~50 KB) fits and a pack holds 5 experts: 4 packs of 4 per sparse layer.
+# (~50 KB) holds one expert beside it and a pack holds 5: 1 + 5 + 5 + 5 per sparse layer.
 OVERRIDES = {"num_experts": 16, "intermediate_size": 32}
 BUDGET_MB = 0.07
 CONTEXT, BATCH, STEPS, PROMPTS, PROMPT_TOKENS = 64, 16, 24, 3, 24
@@ -54,18 +54,19 @@ def packed(moe, tmp_path_factory) -> Path:
 def test_the_plan_splits_sparse_layers_into_attention_and_packs(moe):
     plan = plan_export(load(moe).model, "auto", BUDGET_MB, LUTConfig(), "auto")
     kinds = [(r.kind, r.layers.start, r.experts) for r in plan.roles]
-    packs = [range(0, 4), range(4, 8), range(8, 12), range(12, 16)]
-    expected = [(fmt.ATTENTION, 0, None), *[(fmt.EXPERTS, 0, p) for p in packs], (fmt.LAYERS, 1, None)]
+    packs = [range(1, 6), range(6, 11), range(11, 16)]
+    expected = [(fmt.ATTENTION, 0, range(0, 1)), *[(fmt.EXPERTS, 0, p) for p in packs], (fmt.LAYERS, 1, None)]
     for layer in (2, 3):
-        expected += [(fmt.ATTENTION, layer, None), *[(fmt.EXPERTS, layer, p) for p in packs]]
+        expected += [(fmt.ATTENTION, layer, range(0, 1)), *[(fmt.EXPERTS, layer, p) for p in packs]]
     assert kinds == expected
     assert max(plan.chunk_bytes + plan.head_bytes + plan.embed_bytes) <= BUDGET_MB * MB
     assert plan.final_norm_in_head  # the last chunk is a pack: the LM head normalises the sum
-    # routed: a pack of 4 of 16 experts is skipped when none of the top 4 is in it
-    p_call = 1 - (12 * 11 * 10 * 9) / (16 * 15 * 14 * 13)
+    # routed: a pack of 5 of 16 experts is skipped when none of the top 4 is in it (the expert
+    # beside the attention always runs)
+    p_call = 1 - (11 * 10 * 9 * 8) / (16 * 15 * 14 * 13)
     dense, routed = plan.estimate("dense"), plan.estimate("routed")
-    assert dense.calls == 1 + len(plan.chunks) + 1
-    assert routed.calls == pytest.approx(dense.calls - 12 * (1 - p_call))
+    assert dense.calls == 1 + len(plan.chunks) + 1 == 15
+    assert routed.calls == pytest.approx(dense.calls - 9 * (1 - p_call))
     assert routed.weight_bytes < dense.weight_bytes and plan.moe_mode == "routed"  # the faster
 
 
@@ -74,14 +75,17 @@ def test_meta_records_the_layout_and_inspect_accepts_it(packed):
     moe = meta["anemll_mlx"]["moe"]
     assert moe["mode"] == "routed" and moe["num_experts"] == 16 and moe["experts_per_token"] == 4
     assert moe["final_norm_in_lm_head"] is True
-    assert moe["chunks"][:2] == [{"kind": "attention", "layer": 0}, {"kind": "experts", "layer": 0, "experts": [0, 4]}]
-    assert moe["chunks"][5] == {"kind": "layers", "layers": [1, 2]}
-    assert meta["model_info"]["parameters"]["num_chunks"] == len(moe["chunks"]) == 16
+    assert moe["chunks"][:2] == [
+        {"kind": "attention", "layer": 0, "experts": [0, 1]},
+        {"kind": "experts", "layer": 0, "experts": [1, 6]},
+    ]
+    assert moe["chunks"][4] == {"kind": "layers", "layers": [1, 2]}
+    assert meta["model_info"]["parameters"]["num_chunks"] == len(moe["chunks"]) == 13
     parts, problems = inspect_export(packed, BUDGET_MB)
     assert problems == [] and all(not p.problems for p in parts), [p.problems for p in parts]
     done = run_cli("inspect", packed, "--max-chunk-mb", BUDGET_MB)
     assert done.exit_code == 0, done.stdout
-    assert "  dense: 18.0 calls" in done.stdout and "  routed: " in done.stdout  # 1 + 16 + 1 programs
+    assert "  dense: 15.0 calls" in done.stdout and "  routed: " in done.stdout  # 1 + 13 + 1 programs
 
 
 def _prompts(folder: Path) -> list[list[int]]:
@@ -110,7 +114,7 @@ def test_fp16_export_in_both_modes_matches_mlx_fp32(moe, packed):
         calls[mode] = host.calls - before
     np.testing.assert_array_equal(results["dense"][0], results["routed"][0])
     np.testing.assert_array_equal(results["dense"][1], results["routed"][1])
-    assert calls["dense"] == 1 + 16 + 1 and calls["routed"] < calls["dense"], calls
+    assert calls["dense"] == 1 + 13 + 1 and calls["routed"] < calls["dense"], calls
 
 
 def _cli(*args) -> subprocess.CompletedProcess:
@@ -140,7 +144,8 @@ def test_golden_gate_passes_and_fails_when_one_expert_is_perturbed(moe, packed, 
 
 
 def test_plan_of_qwen3_30b_a3b_keeps_every_part_within_250_mb():
-    """128 experts of 9 MB (fp16) per layer: 5 packs of 25-26 plus the attention part, 48 layers."""
+    """128 experts of 9 MiB (fp16) per layer: 23 beside the attention (36.5 MiB), then 4 packs
+    of 26-27; at LUT 4, 64 beside the attention and one pack of 64.  48 layers."""
     model = build_model(json.loads(QWEN3_30B.read_text()))
     for lut in (LUTConfig(), LUTConfig(ffn=parse_lut_spec("4"), lm_head=parse_lut_spec("4"))):
         plan = plan_export(model, "auto", 250.0, lut, "auto")
@@ -150,17 +155,19 @@ def test_plan_of_qwen3_30b_a3b_keeps_every_part_within_250_mb():
         dense, routed = plan.estimate("dense"), plan.estimate("routed")
         assert routed.seconds < dense.seconds
     fp16 = plan_export(model, "auto", 250.0, LUTConfig(), "auto")
-    assert len(fp16.chunks) == 48 * 6 and [len(r.experts) for r in fp16.roles[1:6]] == [26, 26, 26, 25, 25]
-    assert fp16.estimate("dense", Speed(120, 3)).calls == 3 + 288 + 3
+    assert len(fp16.chunks) == 48 * 5 and [len(r.experts or ()) for r in fp16.roles[:5]] == [23, 27, 26, 26, 26]
+    assert fp16.estimate("dense", Speed(120, 3)).calls == 3 + 240 + 3
+    lut4 = plan_export(model, "auto", 250.0, LUTConfig(ffn=parse_lut_spec("4")), "auto")
+    assert len(lut4.chunks) == 48 * 2 and [len(r.experts or ()) for r in lut4.roles[:2]] == [64, 64]
 
 
 def test_plan_cli_prints_parts_and_estimates_per_mode():
     done = run_cli("plan", QWEN3_30B, "--bandwidth", "120", "--call-ms", "3")
     assert done.exit_code == 0, done.stdout + done.stderr
     out = done.stdout
-    assert "294 programs (3 embeddings, 288 FFN chunks, 3 lm_head)" in out
-    assert "expert packs: 240 over 48 layers (128 experts, top 8); default mode routed" in out
-    assert "dense: 294.0 calls" in out and "routed: 255.9 calls" in out and "at 120 GB/s and 3 ms per call" in out
+    assert "246 programs (3 embeddings, 240 FFN chunks, 3 lm_head)" in out
+    assert "expert packs: 192 over 48 layers (128 experts, top 8); default mode routed" in out
+    assert "dense: 246.0 calls" in out and "routed: 217.1 calls" in out and "at 120 GB/s and 3 ms per call" in out
 
 
 def test_plan_cli_works_for_a_dense_family_from_its_folder(tiny_models):

@@ -175,7 +175,8 @@ def logits_pieces(names: list[str]) -> list[str]:
 # an attention part and expert packs, all numbered as FFN chunks in the order a host runs them:
 #   attention part: the chunk interface, + output EXPERT_WEIGHTS (1, T, experts): the router's
 #                   weights, zero outside the top k; output_hidden_states is the residual h after
-#                   attention (before the experts);
+#                   attention (before the experts); when the first experts fit beside the
+#                   attention, they ride in it and it outputs their EXPERT_OUTPUT too;
 #   expert pack:    functions infer/prefill without a state: hidden_states (h) and expert_weights
 #                   -> EXPERT_OUTPUT (1, T, H), the weighted sum of its experts on the normed h.
 # The host adds h and the packs' outputs (in float32, once, rounded to fp16) for the layer's output.
@@ -189,7 +190,7 @@ MOE_MODES = ("dense", "routed")
 @dataclass(frozen=True)
 class ChunkRole:
     """What one FFN chunk computes: a range of whole layers, a layer's attention part (with its
-    router), or a pack of a layer's experts."""
+    router, and ``experts`` when some ride in it), or a pack of a layer's experts."""
 
     kind: str  # LAYERS | ATTENTION | EXPERTS
     layers: range
@@ -211,7 +212,7 @@ class ChunkRole:
         if kind not in (ATTENTION, EXPERTS):
             raise ValueError(f"unknown chunk kind '{kind}'")
         layer = int(d["layer"])
-        experts = range(int(d["experts"][0]), int(d["experts"][1])) if kind == EXPERTS else None
+        experts = range(int(d["experts"][0]), int(d["experts"][1])) if kind == EXPERTS or "experts" in d else None
         return cls(kind, range(layer, layer + 1), experts)
 
 

@@ -102,7 +102,9 @@ def _check_chunk(
             elif (shape and inputs[key][0] != shape) or inputs[key][1] != dtype:
                 problems.append(f"{name}: input '{key}' is {inputs[key][0]}, expected {shape}")
         outputs = [o.name for o in f.output]
-        expected = [fmt.OUTPUT_HIDDEN_STATES] + ([fmt.EXPERT_WEIGHTS] if role and role.kind == fmt.ATTENTION else [])
+        expected = [fmt.OUTPUT_HIDDEN_STATES]
+        if role is not None and role.kind == fmt.ATTENTION:
+            expected += [fmt.EXPERT_WEIGHTS] + ([fmt.EXPERT_OUTPUT] if role.experts is not None else [])
         if outputs != expected:
             problems.append(f"{name}: outputs {outputs}, expected {expected}")
         declared = {fmt.stored_state_name(s.name): list(s.type.stateType.arrayType.shape) for s in f.state}

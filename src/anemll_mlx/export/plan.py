@@ -147,6 +147,8 @@ class ExportPlan:
             what = f"{r.start}-{r.stop - 1}"
             if role.kind == fmt.ATTENTION:
                 what = f"{r.start} attention+router"
+                if role.experts is not None:
+                    what += f"+experts {role.experts.start}-{role.experts.stop - 1}"
             elif role.experts is not None:
                 what = f"{r.start} experts {role.experts.start}-{role.experts.stop - 1}"
             out.append((f"FFN chunk {i + 1:02d}of{n:02d}", what, b / MB))
@@ -159,8 +161,8 @@ class ExportPlan:
 def call_probability(role: fmt.ChunkRole | None, num_experts: int, top_k: int) -> float:
     """How likely a decoded token calls a chunk in routed mode: for a pack of p of E experts with
     k chosen uniformly at random, 1 - C(E - p, k) / C(E, k); 1 for any other chunk."""
-    if role is None or role.experts is None:
-        return 1.0
+    if role is None or role.kind != fmt.EXPERTS or role.experts is None:
+        return 1.0  # an attention part (with the experts beside it, if any) always runs
     p = len(role.experts)
     return 1.0 - math.comb(num_experts - p, top_k) / math.comb(num_experts, top_k)
 
@@ -351,8 +353,9 @@ def _expert_packs(
     top_k: int,
 ) -> ExportPlan:
     """Runs of dense layers chunked as usual; each sparse layer an attention part (attention,
-    both norms, router) and balanced packs of as many experts as fit the budget (each pack holds
-    the post-attention norm too)."""
+    both norms, router, and the first experts when some fit beside them) and balanced packs of
+    as many experts as fit the budget (each pack holds the post-attention norm too): the fewest
+    programs per layer, so the fewest calls."""
     budget = int(max_chunk_mb * MB)
     roles: list[fmt.ChunkRole] = []
     nbytes: list[int] = []
@@ -395,11 +398,15 @@ def _expert_packs(
                 f"expert 0 of layer {i} (one of its {E}) needs {one / MB:.3g} MB, over --max-chunk-mb {max_chunk_mb:g}: no expert "
                 "pack can hold it (raise the budget or quantize with --lut)"
             )
-        roles.append(fmt.ChunkRole(fmt.ATTENTION, range(i, i + 1)))
-        nbytes.append(attention)
-        for group in np.array_split(np.arange(E), math.ceil(E / fit)):
-            roles.append(fmt.ChunkRole(fmt.EXPERTS, range(i, i + 1), range(int(group[0]), int(group[-1]) + 1)))
-            nbytes.append(pack_norm + len(group) * one)
+        first, others = expert_split(E, max(0, (budget - attention) // one), fit)
+        layer = range(i, i + 1)
+        roles.append(fmt.ChunkRole(fmt.ATTENTION, layer, range(0, first) if first else None))
+        nbytes.append(attention + first * one)
+        start = first
+        for count in others:
+            roles.append(fmt.ChunkRole(fmt.EXPERTS, layer, range(start, start + count)))
+            nbytes.append(pack_norm + count * one)
+            start += count
     flush()
     final_in_head = roles[-1].kind != fmt.LAYERS
     if final_in_head:  # the LM head normalises the packs' sum: each of its programs holds the norm
@@ -417,6 +424,20 @@ def _expert_packs(
         final_norm_in_head=final_in_head,
         **head,
     )
+
+
+def expert_split(experts: int, first_fits: int, fit: int) -> tuple[int, list[int]]:
+    """How many experts ride in the attention part (``first_fits`` would fit beside it) and the
+    sizes of the packs (``fit`` fit in one): the fewest programs, as even as they can be."""
+    n = 1
+    while min(first_fits, experts) + (n - 1) * fit < experts:
+        n += 1
+    even = math.ceil(experts / n)
+    first = min(first_fits, even)
+    rest = experts - first
+    if n == 1:
+        return first, []
+    return first, [len(g) for g in np.array_split(np.arange(rest), n - 1) if len(g)]
 
 
 def _plan_ends(model: DecoderModel, max_chunk_mb: float, lut: LUTConfig, split_lm_head: int | str) -> dict:

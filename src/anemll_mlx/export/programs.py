@@ -89,8 +89,10 @@ def chunk_program(
         traced = {f.name: experts_function(model, ops, role.layers.start, role.experts, f.tokens) for f in functions}
     else:
         attention = role is not None and role.kind == fmt.ATTENTION
+        riding = role.experts if role is not None and attention else None
         traced = {
-            f.name: chunk_function(model, ops, layers, f.tokens, context, last, f.rotate, attention) for f in functions
+            f.name: chunk_function(model, ops, layers, f.tokens, context, last, f.rotate, attention, riding)
+            for f in functions
         }
     return _program(traced, default=fmt.INFER)
 
@@ -121,6 +123,7 @@ def chunk_function(
     last: bool,
     rotate: bool = False,
     attention: bool = False,
+    experts: range | None = None,
 ) -> Function:
     """Layers ``layers`` over ``tokens`` new tokens at ``current_pos``, reading/writing the KV state(s).
 
@@ -159,7 +162,11 @@ def chunk_function(
         step = Step(positions=i[fmt.POSITION_IDS], masks=masks, cache=cache)
         if attention:  # a mixture-of-experts layer's attention part: the residual and the router's weights
             h, weights = model.forward_attention(ops, i[fmt.HIDDEN_STATES], step, layers.start)
-            return [mb.identity(x=h, name=fmt.OUTPUT_HIDDEN_STATES), mb.identity(x=weights, name=fmt.EXPERT_WEIGHTS)]
+            out = [mb.identity(x=h, name=fmt.OUTPUT_HIDDEN_STATES), mb.identity(x=weights, name=fmt.EXPERT_WEIGHTS)]
+            if experts is not None:  # the first experts, beside the attention
+                y = model.forward_experts(ops, h, weights, layers.start, experts)
+                out.append(mb.identity(x=y, name=fmt.EXPERT_OUTPUT))
+            return out
         h = model.forward_layers(ops, i[fmt.HIDDEN_STATES], step, layers)
         if windowed is not None:
             windowed.touch_unused()

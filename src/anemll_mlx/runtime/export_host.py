@@ -147,6 +147,10 @@ class ExportHost:
             if role.kind == fmt.ATTENTION:
                 residual, weights = hidden, np.asarray(out[fmt.EXPERT_WEIGHTS], dtype=np.float16)
                 total = np.asarray(residual, dtype=np.float32)
+                if fmt.EXPERT_OUTPUT in out:  # the experts that ride in the attention part
+                    total += np.asarray(out[fmt.EXPERT_OUTPUT], dtype=np.float32)
+                if n + 1 == len(roles) or roles[n + 1].kind != fmt.EXPERTS:
+                    hidden = total.astype(np.float16)
         return hidden
 
     def _logits(self, hidden: np.ndarray) -> np.ndarray:
