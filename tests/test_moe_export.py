@@ -191,3 +191,21 @@ def test_routed_needs_packs_and_bad_modes_are_refused(tiny_models, tmp_path):
     assert plan.split_experts and plan.moe_mode == "routed"
     whole = plan_export(load(tiny_models["qwen3_moe"]).model, "auto", 250.0, LUTConfig(), "auto", "dense")
     assert not whole.split_experts and whole.modes() == ["dense"]
+
+
+def test_plan_of_a_hub_id_fetches_config_json_only(monkeypatch, tmp_path):
+    from anemll_mlx.loading import hub
+
+    asked = []
+    (tmp_path / "config.json").write_text(QWEN3_30B.read_text())
+
+    def snapshot_download(repo_id, allow_patterns):
+        asked.append((repo_id, allow_patterns))
+        return str(tmp_path)
+
+    monkeypatch.setattr("huggingface_hub.snapshot_download", snapshot_download)
+    assert hub.looks_like_hub_id("Qwen/Qwen3-30B-A3B")
+    done = run_cli("plan", "Qwen/Qwen3-30B-A3B", "--lut", "4")
+    assert done.exit_code == 0, done.stdout + done.stderr
+    assert asked == [("Qwen/Qwen3-30B-A3B", ["config.json"])]
+    assert "102 programs" in done.stdout

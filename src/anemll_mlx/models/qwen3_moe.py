@@ -4,7 +4,9 @@ and in the sparse layers a router picking ``num_experts_per_tok`` of ``num_exper
 A layer is sparse when it is not in ``mlp_only_layers`` and (layer + 1) is a multiple of
 ``decoder_sparse_step``; the others keep Qwen3's dense MLP.  Execution is dense: every expert runs
 on every token and the unselected ones are weighted by zero (``Ops.route``, ``Ops.experts``):
-static shapes, the same program for every token.  Expert weights are held stacked per projection,
+static shapes, the same program for every token.  The export splits a layer too large for one
+program into an attention part and expert packs (``Block.attention_part``, ``Block.experts_part``),
+which the export host runs dense or routed (docs/ARCHITECTURE.md).  Expert weights are held stacked per projection,
 (experts, out, in), under mlx-lm's names (``mlp.switch_mlp.{gate,up,down}_proj``); ``sanitize``
 stacks a Hugging Face checkpoint's per-expert ``mlp.experts.N.*`` tensors into them.
 """
