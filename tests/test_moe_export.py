@@ -17,6 +17,7 @@ import pytest
 import yaml
 
 from anemll_mlx import format as fmt
+from anemll_mlx.errors import BadArgumentError
 from anemll_mlx.eval.compare import compare
 from anemll_mlx.eval.prompts import default_prompts
 from anemll_mlx.export import ExportOptions, export_model
@@ -191,6 +192,8 @@ def test_routed_needs_packs_and_bad_modes_are_refused(tiny_models, tmp_path):
     assert plan.split_experts and plan.moe_mode == "routed"
     whole = plan_export(load(tiny_models["qwen3_moe"]).model, "auto", 250.0, LUTConfig(), "auto", "dense")
     assert not whole.split_experts and whole.modes() == ["dense"]
+    with pytest.raises(BadArgumentError, match="--chunk applies to exports of whole layers"):
+        plan_export(load(tiny_models["qwen3_moe"]).model, 2, 250.0, LUTConfig(), "auto", "routed")
 
 
 def test_plan_of_a_hub_id_fetches_config_json_only(monkeypatch, tmp_path):
@@ -224,3 +227,15 @@ def test_lut8_packs_compute_with_the_luts_of_the_whole_stack(moe, tmp_path):
     summary = compare(reference, open_driver(f"mil:{out}+moe=routed"), _prompts(moe)[:2], 16).summary
     # measured KL 1.7e-5 and one flip of 32 steps at a near-tie (fp16's error, as for FP16 exports)
     assert summary["kl_mean"] < 1e-4 and summary["match_rate"] >= 0.95, summary
+
+
+def test_generate_runs_an_export_with_packs_like_a_dense_one(moe, packed):
+    """The commands that run exports (generate, chat, serve) share the export host: greedy text of
+    the routed export is the MLX model's."""
+    text = {}
+    for spec in (f"mil:{packed}+moe=routed", f"mlx:{moe}"):
+        done = run_cli("generate", spec, "--prompt", "Hello there", "--max-tokens", "6", "--temp", "0")
+        assert done.exit_code == 0, done.stdout + done.stderr
+        text[spec] = done.stdout.split("==========")[0]
+    assert len(set(text.values())) == 1, text
+    assert_one_error(run_cli("generate", f"mil:{packed}+moe=sparse", "--prompt", "Hi"), "bad +moe=sparse")

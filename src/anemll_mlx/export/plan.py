@@ -276,7 +276,7 @@ def plan_export(
     whole_fits = max(sizes) + norm_bytes <= budget
     experts = model.experts_in(sparse[0])
     assert experts is not None
-    moe = {"num_experts": experts.count, "top_k": int(getattr(model.args, "num_experts_per_tok", experts.count))}
+    moe = {"num_experts": experts.count, "top_k": model.experts_per_token() or experts.count}
     candidates: list[ExportPlan] = []
     if moe_mode != "routed" and whole_fits:
         candidates.append(_whole_layers(model, chunks, max_chunk_mb, sizes, norm_bytes, head, moe_mode="dense", **moe))

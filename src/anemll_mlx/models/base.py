@@ -252,6 +252,10 @@ class DecoderModel(nn.Module):
         """The routed experts of ``layer`` (a mixture-of-experts layer), else None."""
         return next((m for _, m in self.model.layers[layer].named_modules() if isinstance(m, Experts)), None)
 
+    def experts_per_token(self) -> int:
+        """How many experts the router picks per token (families naming it otherwise override)."""
+        return int(getattr(self.args, "num_experts_per_tok", 0))
+
     def forward_attention(self, ops: Ops, h: Tensor, step: Step, layer: int) -> tuple[Tensor, Tensor]:
         """A mixture-of-experts layer up to its router (the export's attention part): the
         residual after attention and the routing weights (B, T, experts)."""
