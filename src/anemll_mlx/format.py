@@ -376,6 +376,7 @@ class ExportMeta:
     lut_source: dict | None = None
     missing_info: list[str] = field(default_factory=list)  # model_info keys ANEMLL reads that are absent
     moe: MoELayout | None = None  # an export with attention parts and expert packs (ours)
+    embeddings_rows: list[range] | None = None  # the vocabulary rows of each embeddings program (when split)
 
     @property
     def split_lm_head(self) -> int:
@@ -439,6 +440,8 @@ class ExportMeta:
         }
         if len(self.files.embeddings) > 1:  # split by the size budget: programs ANEMLL's runtimes do not know
             ours["embeddings_parts"] = self.files.embeddings
+            if self.embeddings_rows:  # a host calls only the programs holding the ids it looks up
+                ours["embeddings_rows"] = [[r.start, r.stop] for r in self.embeddings_rows]
         if len(self.files.lm_head) > 1:
             ours["lm_head_parts"] = self.files.lm_head
             ours["lm_head_part_pieces"] = self.head_part_pieces
@@ -518,6 +521,7 @@ class ExportMeta:
             lut_source=ours.get("lut_source") if isinstance(ours.get("lut_source"), dict) else None,
             missing_info=[k for k in MODEL_INFO_KEYS if k not in info],
             moe=_read_moe(ours, where, chunks),
+            embeddings_rows=_read_rows(ours.get("embeddings_rows"), where),
         )
 
 
@@ -575,6 +579,15 @@ def _read_lut(params: dict, name: str) -> LUTSetting | None:
         return None
     group = params.get(f"lut_{name}_per_channel")
     return LUTSetting(int(bits), int(group) if group else None)
+
+
+def _read_rows(rows: Any, where: str) -> list[range] | None:
+    if rows is None:
+        return None
+    try:
+        return [range(int(a), int(b)) for a, b in rows]
+    except (TypeError, ValueError) as e:
+        raise CorruptModelError(f"{where} anemll_mlx.embeddings_rows is malformed ({e})") from None
 
 
 def _read_moe(ours: dict, where: str, chunks: int) -> MoELayout | None:

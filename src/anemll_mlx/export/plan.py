@@ -178,14 +178,15 @@ def estimate_parts(
     mode: str,
     speed: Speed,
 ) -> Estimate:
-    """Per decoded token: every embeddings program is called and reads one row; every chunk is
+    """Per decoded token: one embeddings program is called (the host calls the one holding the
+    token's row) and reads one row; every chunk is
     called and read whole (routed mode: an expert pack with ``call_probability``); every LM-head
     program reads all its weights."""
     p = [
         call_probability(roles[i] if roles else None, num_experts, top_k) if mode == "routed" else 1.0
         for i in range(len(chunk_bytes))
     ]
-    calls = embed_programs + sum(p) + len(head_bytes)
+    calls = min(1, embed_programs) + sum(p) + len(head_bytes)
     read = embed_row_bytes + sum(q * b for q, b in zip(p, chunk_bytes)) + sum(head_bytes)
     return Estimate(mode, calls, read, speed)
 

@@ -162,8 +162,14 @@ class ExportHost:
 
     def _embed(self, ids: np.ndarray) -> np.ndarray:
         """The embeddings of ``ids``: a split table's programs each give their own rows and zeros
-        elsewhere, so their sum (exact: one term is non-zero) is the table's lookup."""
-        parts = [self._run(p, None, {fmt.INPUT_IDS: ids})[fmt.HIDDEN_STATES] for p in self.export.embeddings]
+        elsewhere, so their sum (exact: one term is non-zero) is the table's lookup; where meta.yaml
+        records each program's rows, only those holding some of the ids are called (a decoded
+        token calls one)."""
+        programs = self.export.embeddings
+        rows = self.meta.embeddings_rows
+        if rows is not None and len(rows) == len(programs):  # only the programs holding these ids
+            programs = [p for p, r in zip(programs, rows) if np.any((ids >= r.start) & (ids < r.stop))] or programs[:1]
+        parts = [self._run(p, None, {fmt.INPUT_IDS: ids})[fmt.HIDDEN_STATES] for p in programs]
         return parts[0] if len(parts) == 1 else np.asarray(np.sum(parts, axis=0, dtype=np.float16))
 
     def _batch_fits(self, remaining: int) -> bool:
