@@ -101,7 +101,7 @@ def test_fp16_export_in_both_modes_matches_mlx_fp32(moe, packed):
     with fewer calls."""
     prompts = _prompts(moe)
     results, calls = {}, {}
-    for mode in fmt.MOE_MODES:
+    for mode in ("dense", "routed"):
         reference = MLXDriver(load(moe, "float32"), "mlx@fp32", context=CONTEXT)
         host = open_driver(f"mil:{packed}+moe={mode}")
         assert host.moe_mode == mode
@@ -124,13 +124,13 @@ def _cli(*args) -> subprocess.CompletedProcess:
 
 
 @pytest.mark.slow
-def test_golden_gate_passes_and_fails_when_one_expert_is_perturbed(moe, packed, tmp_path):
+def test_golden_gate_passes_and_fails_when_one_expert_is_perturbed(moe, packed, gathered, tmp_path):
     golden = tmp_path / "golden.npz"
     prompts = ["--prompt", "Hello there", "--prompt", "What is the capital of France?"]
     done = _cli("compare", "--reference", f"mlx:{moe}", "--save-golden", golden, *prompts, "--max-tokens", "6")
     assert done.returncode == 0, done.stderr
-    for mode in fmt.MOE_MODES:
-        done = _cli("compare", "--golden", golden, "--candidate", f"mil:{packed}+moe={mode}")
+    for candidate in (f"mil:{packed}+moe=dense", f"mil:{packed}+moe=routed", f"mil:{gathered}"):
+        done = _cli("compare", "--golden", golden, "--candidate", candidate)
         assert done.returncode == 0 and "greedy tokens identical" in done.stdout, done.stdout + done.stderr
     perturbed = tmp_path / "perturbed"
     shutil.copytree(moe, perturbed)
@@ -239,3 +239,57 @@ def test_generate_runs_an_export_with_packs_like_a_dense_one(moe, packed):
         text[spec] = done.stdout.split("==========")[0]
     assert len(set(text.values())) == 1, text
     assert_one_error(run_cli("generate", f"mil:{packed}+moe=sparse", "--prompt", "Hi"), "bad +moe=sparse")
+
+
+# --- gathered mode: the chosen experts' weights passed in ----------------------------------------
+
+
+@pytest.fixture(scope="module")
+def gathered(moe, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("moe") / "gathered"
+    options = ExportOptions(context=CONTEXT, batch=BATCH, max_chunk_mb=BUDGET_MB, moe_mode="gathered")
+    export_model(load(moe, "float32"), out, options)
+    return out
+
+
+def test_gathered_layout_has_a_gather_program_after_each_layers_packs(gathered):
+    meta = fmt.read_export(gathered).meta
+    assert meta.moe is not None and meta.moe.mode == "gathered"
+    roles = [(r.kind, r.layers.start, r.experts) for r in meta.moe.roles]
+    packs = [range(0, 4), range(4, 8), range(8, 12), range(12, 16)]
+    layer0 = [(fmt.ATTENTION, 0, None), *[(fmt.EXPERTS, 0, p) for p in packs], (fmt.GATHER, 0, None)]
+    assert roles[:7] == [*layer0, (fmt.LAYERS, 1, None)]  # no expert rides in the attention part
+    for name in ("gate", "up", "down"):
+        stack = np.load(gathered / fmt.expert_file("qwen3_moe", 2, name))
+        assert stack.dtype == np.float16 and stack.shape[0] == 16
+    parts, problems = inspect_export(gathered, BUDGET_MB)
+    assert problems == [] and all(not p.problems for p in parts), [p.problems for p in parts]
+
+
+@pytest.mark.slow
+def test_gathered_mode_matches_mlx_fp32_with_two_calls_per_sparse_layer(moe, gathered):
+    """Decode through the gather programs (prefill through the packs, routed): KL < 1e-3, every
+    greedy token as MLX float32's; a decoded token calls embeddings, attention + gather per sparse
+    layer, the dense layer's chunk and the LM head."""
+    reference = MLXDriver(load(moe, "float32"), "mlx@fp32", context=CONTEXT)
+    host = open_driver(f"mil:{gathered}")
+    assert host.moe_mode == "gathered"
+    summary = compare(reference, host, _prompts(moe), STEPS).summary
+    print({k: summary[k] for k in ("kl_mean", "kl_max", "match_rate")}, "calls", host.calls)
+    assert summary["kl_mean"] < 1e-3 and summary["match_rate"] == 1.0, summary
+    host.reset()
+    first = host.prefill(_prompts(moe)[0])
+    before = host.calls
+    host.decode(int(np.argmax(first)))
+    assert host.calls - before == 1 + 2 + 1 + 2 + 2 + 1
+    routed = open_driver(f"mil:{gathered}+moe=routed")  # the same export runs routed too
+    np.testing.assert_array_equal(routed.prefill(_prompts(moe)[0]), first)  # prefill runs the packs, routed
+
+
+def test_gathered_mode_plan_of_qwen3_30b_a3b_and_its_limits(tmp_path):
+    model = build_model(json.loads(QWEN3_30B.read_text()))
+    plan = plan_export(model, "auto", 250.0, LUTConfig(), "auto", "gathered")
+    assert max(plan.embed_bytes + plan.chunk_bytes + plan.head_bytes) <= 250 * MB
+    estimate = plan.estimate("gathered")
+    assert estimate.calls == 1 + 48 * 2 + 3 and estimate.seconds < 0.6  # 0.351 s/token at 120 GB/s, 3 ms
+    assert_one_error(run_cli("plan", QWEN3_30B, "--moe-mode", "gathered", "--lut", "4"), "export it without --lut")

@@ -180,11 +180,22 @@ def logits_pieces(names: list[str]) -> list[str]:
 #   expert pack:    functions infer/prefill without a state: hidden_states (h) and expert_weights
 #                   -> EXPERT_OUTPUT (1, T, H), the weighted sum of its experts on the normed h.
 # The host adds h and the packs' outputs (in float32, once, rounded to fp16) for the layer's output.
-# Dense mode calls every pack; routed mode only the packs holding an expert of nonzero weight.
+# Dense mode calls every pack; routed mode only the packs holding an expert of nonzero weight;
+# gathered mode (an export made for it) decodes through the GATHER programs and prefills as routed.
 EXPERT_WEIGHTS = "expert_weights"
 EXPERT_OUTPUT = "expert_output"
-LAYERS, ATTENTION, EXPERTS = "layers", "attention", "experts"  # the kinds of chunk
-MOE_MODES = ("dense", "routed")
+# gathered mode (decode only): a GATHER program per sparse layer takes the chosen experts' weights
+# as inputs, (k, I, H) gate and up and (k, H, I) down, with their routing weights (1, 1, k); the
+# host gathers them from the export's stacked weights, EXPERT_FILES per layer (fp16 .npy)
+EXPERTS_GATE, EXPERTS_UP, EXPERTS_DOWN = "experts_gate", "experts_up", "experts_down"
+LAYERS, ATTENTION, EXPERTS, GATHER = "layers", "attention", "experts", "gather"  # the kinds of chunk
+MOE_MODES = ("dense", "routed", "gathered")
+
+
+def expert_file(prefix: str, layer: int, projection: str) -> str:
+    """The stacked weights of one projection (gate, up or down) of a sparse layer's experts,
+    (experts, out, in) fp16, that a host gathers the chosen experts' weights from (ours)."""
+    return f"{prefix}_experts_L{layer:02d}_{projection}.npy"
 
 
 @dataclass(frozen=True)
@@ -209,7 +220,7 @@ class ChunkRole:
         kind = str(d["kind"])
         if kind == LAYERS:
             return cls(kind, range(int(d["layers"][0]), int(d["layers"][1])))
-        if kind not in (ATTENTION, EXPERTS):
+        if kind not in (ATTENTION, EXPERTS, GATHER):
             raise ValueError(f"unknown chunk kind '{kind}'")
         layer = int(d["layer"])
         experts = range(int(d["experts"][0]), int(d["experts"][1])) if kind == EXPERTS or "experts" in d else None

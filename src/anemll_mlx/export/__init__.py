@@ -298,6 +298,8 @@ def export_model(
             # a split layer's weights are let go with its last part
             done_layer = role is None or i == len(plan.chunks) - 1 or plan.roles[i + 1].layers.start != layers.start
             used = [model.model.layers[n] for n in layers] if done_layer else []
+            if role is not None and role.kind == fmt.GATHER:  # what the host gathers the chosen experts from
+                _write_experts(model, layers.start, prefix, scratch)
             build(f"chunk {i + 1:02d}of{len(plan.chunks):02d}", chunk, stem, used=used)
 
         first_piece = first_row = 0
@@ -319,6 +321,14 @@ def export_model(
     result.files = {stem: _size(target.path / f"{stem}.mlpackage") for stem in files.all()}
     result.seconds = time.perf_counter() - started
     return result
+
+
+def _write_experts(model: DecoderModel, layer: int, prefix: str, dest: Path) -> None:
+    """The stacked fp16 weights of ``layer``'s experts, one .npy per projection (``format.expert_file``)."""
+    experts = model.experts_in(layer)
+    assert experts is not None
+    for name, holder in (("gate", experts.gate_proj), ("up", experts.up_proj), ("down", experts.down_proj)):
+        np.save(dest / fmt.expert_file(prefix, layer, name), np.array(holder.weight.astype(mx.float16)))
 
 
 def _numbered(part: str, index: int, count: int) -> str:

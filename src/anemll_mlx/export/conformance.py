@@ -81,6 +81,8 @@ def _check_chunk(
     or attention part (``role``, from meta.yaml's ``anemll_mlx.moe``) by its own interface."""
     if role is not None and role.kind == fmt.EXPERTS:
         return _check_pack(spec, meta)
+    if role is not None and role.kind == fmt.GATHER:
+        return _check_gather(spec, meta)
     problems = []
     functions = {f.name: f for f in spec.description.functions}
     for kind in fmt.chunk_functions(meta.batch, rotate=meta.window is not None):
@@ -164,7 +166,7 @@ def _read_part(path: Path, functions: bool = False) -> tuple[PartReport, object 
         return PartReport(path.name, [], 0.0, "-", [f"missing (named in {fmt.META})"]), None
     try:
         spec = ct.utils.load_spec(str(path))
-        names = [f.name for f in spec.description.functions] if functions else ["main"]
+        names = ([f.name for f in spec.description.functions] if functions else []) or ["main"]
         return PartReport(path.name, names, _size_mb(path), lut_summary(path)), spec
     except Exception as e:  # coremltools raises RuntimeError, protobuf DecodeError, OSError...
         reason = " ".join(str(e).split())[:160] or type(e).__name__
@@ -212,14 +214,45 @@ def export_estimates(folder: str | Path, parts: list[PartReport], speed: Speed =
     bits = meta.lut.get("embeddings")
     row = math.ceil((meta.hidden_size or 0) * (bits.bits if bits else 16) / 8)
     moe = meta.moe
-    modes = list(fmt.MOE_MODES) if moe else ["dense"]
+    if moe is None:
+        return [estimate_parts(n_embed, row, sizes[n_embed : n_embed + n_chunks], sizes[n_embed + n_chunks :], None, 0, 0, "dense", speed)]
+    gather = [r.kind == fmt.GATHER for r in moe.roles]
+    modes = ["dense", "routed"] + (["gathered"] if any(gather) else [])
+    expert_bytes = [
+        sum(_file_size(Path(folder) / fmt.expert_file(meta.prefix, r.layers.start, p)) for p in ("gate", "up", "down"))
+        // moe.num_experts if g else 0
+        for r, g in zip(moe.roles, gather)
+    ]
     return [
         estimate_parts(
             n_embed, row, sizes[n_embed : n_embed + n_chunks], sizes[n_embed + n_chunks :],
-            moe.roles if moe else None, moe.num_experts if moe else 0, moe.top_k if moe else 0, mode, speed,
+            moe.roles, moe.num_experts, moe.top_k, mode, speed, expert_bytes,
         )  # fmt: skip
         for mode in modes
     ]
+
+
+def _file_size(path: Path) -> int:
+    return path.stat().st_size if path.is_file() else 0
+
+
+def _check_gather(spec, meta: fmt.ExportMeta) -> list[str]:
+    """A gather program (one function, one token): the chosen experts' weights in, expert_output
+    out, no state."""
+    description = spec.description
+    if len(description.functions):
+        return [f"a gather program has functions {[f.name for f in description.functions]}, expected one"]
+    problems = []
+    inputs = _arrays(description.input)
+    for key in (fmt.HIDDEN_STATES, fmt.EXPERT_WEIGHTS, fmt.EXPERTS_GATE, fmt.EXPERTS_UP, fmt.EXPERTS_DOWN):
+        if key not in inputs:
+            problems.append(f"no input '{key}'")
+    outputs = [o.name for o in description.output]
+    if outputs != [fmt.EXPERT_OUTPUT]:
+        problems.append(f"outputs {outputs}, expected ['{fmt.EXPERT_OUTPUT}']")
+    if len(description.state):
+        problems.append("a gather program declares a state")
+    return problems
 
 
 def head_pieces(meta: fmt.ExportMeta, programs: int) -> list[range]:

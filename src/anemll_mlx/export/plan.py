@@ -106,6 +106,7 @@ class ExportPlan:
     top_k: int = 0
     final_norm_in_head: bool = False  # the last chunk is an expert pack: the LM head applies the norm
     embed_row_bytes: int = 0  # one row of the table: what a lookup reads
+    expert_bytes: list[int] = field(default_factory=list)  # per chunk: one expert's bytes for a gather program
 
     @property
     def split_experts(self) -> bool:
@@ -118,8 +119,10 @@ class ExportPlan:
         return fmt.MoELayout(self.roles, self.moe_mode, self.num_experts, self.top_k, self.final_norm_in_head)
 
     def modes(self) -> list[str]:
-        """The execution modes this layout allows: routed needs expert packs."""
-        return ["dense", "routed"] if self.split_experts else ["dense"]
+        """The execution modes this layout allows: routed needs expert packs, gathered its programs."""
+        if not self.split_experts:
+            return ["dense"]
+        return ["dense", "routed"] + (["gathered"] if any(r.kind == fmt.GATHER for r in self.roles) else [])
 
     def estimate(self, mode: str = "dense", speed: Speed = Speed()) -> Estimate:
         """Calls and weight bytes per decoded token (see ``estimate_parts``)."""
@@ -127,7 +130,7 @@ class ExportPlan:
             raise BadArgumentError(f"--moe-mode {mode} needs expert packs: this plan has none")
         return estimate_parts(
             len(self.embed_parts), self.embed_row_bytes, self.chunk_bytes, self.head_bytes,
-            self.roles, self.num_experts, self.top_k, mode, speed,
+            self.roles, self.num_experts, self.top_k, mode, speed, self.expert_bytes or None,
         )  # fmt: skip
 
     @property
@@ -151,6 +154,8 @@ class ExportPlan:
                     what += f"+experts {role.experts.start}-{role.experts.stop - 1}"
             elif role.experts is not None:
                 what = f"{r.start} experts {role.experts.start}-{role.experts.stop - 1}"
+            elif role.kind == fmt.GATHER:
+                what = f"{r.start} gather ({self.top_k} experts' weights in)"
             out.append((f"FFN chunk {i + 1:02d}of{n:02d}", what, b / MB))
         for i, (part, nbytes) in enumerate(zip(self.head_parts, self.head_bytes)):
             label = "lm_head" + (f" {i + 1:02d}of{len(self.head_parts):02d}" if len(self.head_parts) > 1 else "")
@@ -177,17 +182,26 @@ def estimate_parts(
     top_k: int,
     mode: str,
     speed: Speed,
+    expert_bytes: list[int] | None = None,
 ) -> Estimate:
     """Per decoded token: one embeddings program is called (the host calls the one holding the
     token's row) and reads one row; every chunk is
     called and read whole (routed mode: an expert pack with ``call_probability``); every LM-head
-    program reads all its weights."""
-    p = [
-        call_probability(roles[i] if roles else None, num_experts, top_k) if mode == "routed" else 1.0
-        for i in range(len(chunk_bytes))
-    ]
+    program reads all its weights.  Gathered mode: no expert pack is called, each gather program is,
+    reading the k chosen experts' weights (``expert_bytes``: one expert's, per chunk) as inputs."""
+
+    def probability(role: fmt.ChunkRole | None) -> float:
+        kind = role.kind if role else fmt.LAYERS
+        if kind == fmt.GATHER:
+            return 1.0 if mode == "gathered" else 0.0
+        if kind == fmt.EXPERTS and mode == "gathered":
+            return 0.0
+        return call_probability(role, num_experts, top_k) if mode == "routed" else 1.0
+
+    p = [probability(roles[i] if roles else None) for i in range(len(chunk_bytes))]
+    gathered = [top_k * b if mode == "gathered" else 0 for b in expert_bytes or [0] * len(chunk_bytes)]
     calls = min(1, embed_programs) + sum(p) + len(head_bytes)
-    read = embed_row_bytes + sum(q * b for q, b in zip(p, chunk_bytes)) + sum(head_bytes)
+    read = embed_row_bytes + sum(q * (b + g) for q, b, g in zip(p, chunk_bytes, gathered)) + sum(head_bytes)
     return Estimate(mode, calls, read, speed)
 
 
@@ -277,16 +291,20 @@ def plan_export(
     whole_fits = max(sizes) + norm_bytes <= budget
     experts = model.experts_in(sparse[0])
     assert experts is not None
-    moe = {"num_experts": experts.count, "top_k": model.experts_per_token() or experts.count}
+    E, k = experts.count, model.experts_per_token() or experts.count
     candidates: list[ExportPlan] = []
     if moe_mode != "routed" and whole_fits:
-        candidates.append(_whole_layers(model, chunks, max_chunk_mb, sizes, norm_bytes, head, moe_mode="dense", **moe))
+        candidates.append(_whole_layers(model, chunks, max_chunk_mb, sizes, norm_bytes, head, moe_mode="dense", num_experts=E, top_k=k))
     elif chunks != "auto":
         raise BadArgumentError(
             "--chunk applies to exports of whole layers; with expert packs the planner chooses the parts (leave --chunk auto)"
         )
+    if moe_mode == "gathered":
+        if lut.ffn is not None:
+            raise BadArgumentError("--moe-mode gathered passes the experts' fp16 weights in: export it without --lut")
+        return _with_mode(_expert_packs(model, max_chunk_mb, lut, sizes, norm_bytes, head, sparse, E, k, gather=True), "gathered")
     if moe_mode != "dense" or not whole_fits:
-        split = _expert_packs(model, max_chunk_mb, lut, sizes, norm_bytes, head, sparse, **moe)
+        split = _expert_packs(model, max_chunk_mb, lut, sizes, norm_bytes, head, sparse, E, k)
         modes = ["dense", "routed"] if moe_mode == "auto" else [moe_mode]
         for mode in modes:
             candidates.append(_with_mode(split, mode))
@@ -352,14 +370,19 @@ def _expert_packs(
     sparse: list[int],
     num_experts: int,
     top_k: int,
+    gather: bool = False,
 ) -> ExportPlan:
-    """Runs of dense layers chunked as usual; each sparse layer an attention part (attention,
+    """With ``gather``, no expert rides in the attention part and a gather program follows each
+    sparse layer's packs (gathered mode decodes through it, prefills through the packs).
+
+    Runs of dense layers chunked as usual; each sparse layer an attention part (attention,
     both norms, router, and the first experts when some fit beside them) and balanced packs of
     as many experts as fit the budget (each pack holds the post-attention norm too): the fewest
     programs per layer, so the fewest calls."""
     budget = int(max_chunk_mb * MB)
     roles: list[fmt.ChunkRole] = []
     nbytes: list[int] = []
+    gathered: list[int] = []
     run: list[int] = []
 
     def flush() -> None:
@@ -399,7 +422,7 @@ def _expert_packs(
                 f"expert 0 of layer {i} (one of its {E}) needs {one / MB:.3g} MB, over --max-chunk-mb {max_chunk_mb:g}: no expert "
                 "pack can hold it (raise the budget or quantize with --lut)"
             )
-        first, others = expert_split(E, max(0, (budget - attention) // one), fit)
+        first, others = expert_split(E, 0 if gather else max(0, (budget - attention) // one), fit)
         layer = range(i, i + 1)
         roles.append(fmt.ChunkRole(fmt.ATTENTION, layer, range(0, first) if first else None))
         nbytes.append(attention + first * one)
@@ -408,6 +431,10 @@ def _expert_packs(
             roles.append(fmt.ChunkRole(fmt.EXPERTS, layer, range(start, start + count)))
             nbytes.append(pack_norm + count * one)
             start += count
+        if gather:
+            roles.append(fmt.ChunkRole(fmt.GATHER, layer))
+            nbytes.append(pack_norm)
+            gathered += [0] * (len(roles) - 1 - len(gathered)) + [expert_bytes(model, i, None)]
     flush()
     final_in_head = roles[-1].kind != fmt.LAYERS
     if final_in_head:  # the LM head normalises the packs' sum: each of its programs holds the norm
@@ -423,6 +450,7 @@ def _expert_packs(
         num_experts=num_experts,
         top_k=top_k,
         final_norm_in_head=final_in_head,
+        expert_bytes=gathered + [0] * (len(roles) - len(gathered)) if gather else [],
         **head,
     )
 

@@ -84,6 +84,8 @@ def chunk_program(
 ) -> Program:
     """One FFN chunk: a function per entry of ``functions`` (``chunk_functions``), ``infer`` the
     default; with a ``role`` of a mixture-of-experts layer, its attention part or an expert pack."""
+    if role is not None and role.kind == fmt.GATHER:  # decode only: one token
+        return _program({"main": gather_function(model, ops, role.layers.start)})
     if role is not None and role.kind == fmt.EXPERTS:
         assert role.experts is not None
         traced = {f.name: experts_function(model, ops, role.layers.start, role.experts, f.tokens) for f in functions}
@@ -95,6 +97,35 @@ def chunk_program(
             for f in functions
         }
     return _program(traced, default=fmt.INFER)
+
+
+def gather_function(model: DecoderModel, ops: MILOps, layer: int) -> Function:
+    """A gather program (gathered mode, one token): the residual after attention, the k chosen
+    experts' routing weights (1, 1, k) and their weights as inputs (``format.EXPERTS_GATE`` ...)
+    -> their weighted sum, as batched matmuls over the k experts (no weight constants but the norm)."""
+    experts = model.experts_in(layer)
+    assert experts is not None
+    _, inter, hidden = experts.gate_proj.weight.shape
+    k = model.experts_per_token()
+    specs = {
+        fmt.HIDDEN_STATES: mb.TensorSpec((1, 1, hidden), dtype=types.fp16),
+        fmt.EXPERT_WEIGHTS: mb.TensorSpec((1, 1, k), dtype=types.fp16),
+        fmt.EXPERTS_GATE: mb.TensorSpec((k, inter, hidden), dtype=types.fp16),
+        fmt.EXPERTS_UP: mb.TensorSpec((k, inter, hidden), dtype=types.fp16),
+        fmt.EXPERTS_DOWN: mb.TensorSpec((k, hidden, inter), dtype=types.fp16),
+    }
+
+    def body(i):
+        x = model.experts_input(ops, i[fmt.HIDDEN_STATES], layer)  # (1, 1, H)
+        column = mb.reshape(x=x, shape=[hidden, 1])  # broadcast over the k experts
+        gate = mb.matmul(x=i[fmt.EXPERTS_GATE], y=column)  # (k, I, 1)
+        up = mb.matmul(x=i[fmt.EXPERTS_UP], y=column)
+        weights = mb.reshape(x=i[fmt.EXPERT_WEIGHTS], shape=[k, 1, 1])
+        act = mb.mul(x=mb.mul(x=mb.silu(x=gate), y=up), y=weights)
+        y = mb.reduce_sum(x=mb.matmul(x=i[fmt.EXPERTS_DOWN], y=act), axes=[0])  # (H, 1)
+        return [mb.identity(x=mb.reshape(x=y, shape=[1, 1, hidden]), name=fmt.EXPERT_OUTPUT)]
+
+    return _function(specs, body)
 
 
 def experts_function(model: DecoderModel, ops: MILOps, layer: int, experts: range, tokens: int) -> Function:

@@ -266,6 +266,10 @@ class DecoderModel(nn.Module):
         the routing weights ``forward_attention`` gave; the packs' sum plus ``h`` is the layer's output."""
         return self.model.layers[layer].experts_part(ops, h, weights, layer, experts)
 
+    def experts_input(self, ops: Ops, h: Tensor, layer: int) -> Tensor:
+        """What the experts of ``layer`` read: the residual ``h`` after attention, normed."""
+        return self.model.layers[layer].experts_input(ops, h)
+
     def final_norm(self, ops: Ops, h: Tensor) -> Tensor:
         return ops.rms_norm(h, self.model.norm)
 

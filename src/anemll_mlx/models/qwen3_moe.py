@@ -122,12 +122,15 @@ class Block(nn.Module):
         logits = ops.linear(ops.rms_norm(h, self.post_attention_layernorm), moe.gate)
         return h, ops.route(logits, moe.top_k, moe.norm_topk_prob)
 
+    def experts_input(self, ops: Ops, h: Tensor) -> Tensor:
+        return ops.rms_norm(h, self.post_attention_layernorm)
+
     def experts_part(self, ops: Ops, h: Tensor, weights: Tensor, layer: int, experts: range) -> Tensor:
         """An expert pack: the weighted sum of experts ``experts`` on the normed ``h`` (the
         residual is added by whoever sums the packs)."""
         moe = self.mlp
         assert isinstance(moe, SparseMoE)
-        return ops.experts(ops.rms_norm(h, self.post_attention_layernorm), moe.switch_mlp, weights, layer, experts)
+        return ops.experts(self.experts_input(ops, h), moe.switch_mlp, weights, layer, experts)
 
     def branch_outputs(self) -> list[Linear | Norm]:
         # a sparse layer's branch ends in every expert's down_proj (one stacked holder)
