@@ -19,7 +19,7 @@ call overhead: seconds = calls x call overhead + bytes / bandwidth (decode is me
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
@@ -312,8 +312,6 @@ def plan_export(
 
 
 def _with_mode(plan: ExportPlan, mode: str) -> ExportPlan:
-    from dataclasses import replace
-
     return replace(plan, moe_mode=mode)
 
 
