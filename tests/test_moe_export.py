@@ -1,7 +1,8 @@
 """Mixture-of-experts exports in parts: each sparse layer an attention part (attention + router)
-and expert packs under the size budget, run by the export host in dense mode (every pack) and
-routed mode (only the packs holding a chosen expert); ``plan`` from a config alone, the real
-Qwen3-30B-A3B config within the default budget, and an expert larger than the budget refused."""
+and expert packs under the size budget, run by the export host in dense mode (every pack), routed
+mode (only the packs holding a chosen expert) and gathered mode (the chosen experts' weights passed
+to one gather program per layer); ``plan`` from a config alone, the real Qwen3-30B-A3B config
+within the default budget, and an expert larger than the budget refused."""
 
 from __future__ import annotations
 
@@ -293,3 +294,26 @@ def test_gathered_mode_plan_of_qwen3_30b_a3b_and_its_limits(tmp_path):
     estimate = plan.estimate("gathered")
     assert estimate.calls == 1 + 48 * 2 + 3 and estimate.seconds < 0.6  # 0.351 s/token at 120 GB/s, 3 ms
     assert_one_error(run_cli("plan", QWEN3_30B, "--moe-mode", "gathered", "--lut", "4"), "export it without --lut")
+
+
+@pytest.mark.slow
+def test_expert_convs_keep_within_the_channel_limit(moe, monkeypatch, tmp_path):
+    """With the ANE's output-channel limit lowered to 64 (so one 32-unit expert's gate/up, but not
+    two, fits one conv; down has 64 outputs per expert), every conv of a pack has at most 64
+    outputs and the export still computes what MLX float32 does."""
+    from anemll_mlx.export import programs
+    from anemll_mlx.ops import mil_ops
+
+    monkeypatch.setattr(mil_ops, "ANE_MAX_CHANNELS", 64)
+    model = load(moe, "float32").model
+    role = fmt.ChunkRole(fmt.EXPERTS, range(0, 1), range(0, 5))
+    functions = fmt.chunk_functions(BATCH, rotate=False)
+    program = programs.chunk_program(model, mil_ops.MILOps(8, context=CONTEXT), range(0, 1), functions, CONTEXT, False, role)
+    convs = [op for f in program.functions.values() for op in f.operations if op.op_type == "conv"]
+    assert len(convs) == 2 * 3 * 5  # infer and prefill, gate/up/down, one expert per group
+    assert max(op.outputs[0].shape[1] for op in convs) == 64
+    out = tmp_path / "narrow"
+    export_model(load(moe, "float32"), out, ExportOptions(context=CONTEXT, batch=BATCH, max_chunk_mb=BUDGET_MB))
+    reference = MLXDriver(load(moe, "float32"), "mlx@fp32", context=CONTEXT)
+    summary = compare(reference, open_driver(f"mil:{out}+moe=dense"), _prompts(moe)[:2], 8).summary
+    assert summary["kl_mean"] < 1e-3 and summary["match_rate"] == 1.0, summary
