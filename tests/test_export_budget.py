@@ -70,6 +70,8 @@ def test_split_parts_are_named_recorded_and_within_budget(split):
     params, ours = meta["model_info"]["parameters"], meta["anemll_mlx"]
     assert params["embeddings"] == "llama_embeddings_01of03.mlmodelc" and params["lm_head"] == "llama_lm_head_01of03.mlmodelc"
     assert len(ours["embeddings_parts"]) == 3 and len(ours["lm_head_parts"]) == 3
+    rows = ours["embeddings_rows"]
+    assert rows[0][0] == 0 and rows[-1][1] == 4096 and all(a[1] == b[0] for a, b in zip(rows, rows[1:]))
     assert sum(ours["lm_head_part_pieces"]) == params["split_lm_head"] == len(params["lm_head_chunk_sizes"])
     parts, problems = inspect_export(out)
     assert problems == [] and [p.problems for p in parts if p.problems] == []
@@ -81,8 +83,14 @@ def test_split_export_computes_what_the_model_does(split):
     reference = MLXDriver(load(folder, "float32"), "mlx@fp32", context=64)
     tok = reference.tokenizer
     prompts = [tok.encode_prompt(t, chat=False)[:20] for t in ("Hello there, how are you?", "The capital of France is")]
-    summary = compare(reference, open_driver(f"mil:{out}"), prompts, 8).summary
+    host = open_driver(f"mil:{out}")
+    summary = compare(reference, host, prompts, 8).summary
     assert summary["kl_mean"] < 1e-3 and summary["match_rate"] == 1.0
+    host.reset()
+    host.prefill(prompts[0])
+    before = host.calls
+    host.decode(5)
+    assert host.calls - before == 1 + 1 + 3  # the embeddings program holding row 5, the chunk, 3 LM heads
 
 
 def test_inspect_warns_but_passes_parts_over_the_threshold(split):

@@ -143,3 +143,11 @@ def test_features_the_export_lacks_are_refused(tiny_model_factory, tmp_path, arc
     assert not (tmp_path / "out").exists()
     assert_one_error(run_cli("export", folder, "--out", tmp_path / "cli", "--context", "64"), key)
     assert not (tmp_path / "cli").exists()
+
+
+def test_expert_packs_are_refused_until_the_family_declares_its_parts(folder, tmp_path):
+    """Routed execution (expert packs) needs a family's attention and expert parts; Gemma 4 does
+    not declare them yet: one line naming what to do instead, nothing written."""
+    result = run_cli("export", folder, "--out", tmp_path / "cli", "--context", "64", "--moe-mode", "routed")
+    assert_one_error(result, "expert packs")
+    assert not (tmp_path / "cli").exists()

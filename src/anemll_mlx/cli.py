@@ -302,6 +302,80 @@ def _int_or_auto(flag: str, text: str) -> int | str:
         raise UserError(f"{flag} must be 'auto' or a whole number, not '{text}'") from None
 
 
+MOE_MODE_HELP = (
+    "Mixture-of-experts execution: dense (every expert pack called), routed (only the packs of the "
+    "chosen experts), or auto (the faster estimate)"
+)
+
+
+def _print_plan(plan, max_chunk_mb: float, speed=None) -> None:
+    """The plan's parts (MB each) and, per execution mode, the calls, weight bytes and estimated
+    decode speed of one token."""
+    from .export.plan import Speed
+
+    speed = speed or Speed()
+    table = Table(title=f"plan: {len(plan.chunks)} chunk(s), budget {max_chunk_mb:g} MB")
+    for col in ("part", "layers", "MB"):
+        table.add_column(col)
+    for part, layers, mb in plan.rows():
+        table.add_row(part, layers, f"{mb:.1f}")
+    Console(width=200).print(table)
+    kinds = {"embeddings": len(plan.embed_parts), "FFN chunks": len(plan.chunks), "lm_head": len(plan.head_parts)}
+    sizes = plan.embed_bytes + plan.chunk_bytes + plan.head_bytes
+    print(
+        f"{sum(kinds.values())} programs ({', '.join(f'{n} {k}' for k, n in kinds.items())}), "
+        f"largest {max(sizes) / 2**20:.1f} MB, {sum(sizes) / 2**30:.2f} GiB in all"
+    )
+    if plan.split_experts:
+        packs = sum(1 for r in plan.roles if r.kind == "experts")
+        layers = sum(1 for r in plan.roles if r.kind == "attention")
+        print(f"expert packs: {packs} over {layers} layers ({plan.num_experts} experts, top {plan.top_k}); default mode {plan.moe_mode}")
+    print("estimated per decoded token:")
+    for mode in plan.modes():
+        print("  " + plan.estimate(mode, speed).line())
+
+
+@app.command("plan")
+def plan_command(
+    model: Annotated[str, typer.Argument(help="A config.json, a model folder or .gguf, or a hub id (fetches config.json only)")],
+    chunk: Annotated[str, typer.Option(help="Number of FFN chunks, or auto (fewest under --max-chunk-mb)")] = "auto",
+    max_chunk_mb: Annotated[float, typer.Option(help="Budget per program in MB (compiled bytes)")] = 250.0,
+    lut: Annotated[str | None, typer.Option(help="LUT for the FFN chunks: BITS[,GROUP|0|t] or none")] = None,
+    lut_lm_head: Annotated[str | None, typer.Option(help="LUT for the LM head")] = None,
+    lut_embeddings: Annotated[str | None, typer.Option("--lut-embeddings", "--lut-embed", help="LUT for the embeddings")] = None,
+    split_lm_head: Annotated[str, typer.Option(help="LM head pieces, or auto (<= 16384 rows each)")] = "auto",
+    moe_mode: Annotated[str, typer.Option(help=MOE_MODE_HELP)] = "auto",
+    bandwidth: Annotated[float, typer.Option(help="Weight bandwidth of the estimate, GB/s (120: the ANE of an M4 Max)")] = 120.0,
+    call_ms: Annotated[float, typer.Option(help="Overhead of one Core ML call in the estimate, ms")] = 3.0,
+) -> None:
+    """The export plan (parts and MB each, calls and weight bytes per decoded token, estimated
+    tokens/s per execution mode) from the config alone: no weights are read or downloaded."""
+    from .export import ExportOptions
+    from .export.plan import Speed
+    from .loading import read_config
+    from .models import build_model
+    from .quant.lut import LUTConfig
+
+    with user_errors():
+        if not (bandwidth > 0 and call_ms >= 0):
+            raise BadArgumentError(f"--bandwidth must be > 0 and --call-ms >= 0, got {bandwidth:g} and {call_ms:g}")
+        options = ExportOptions(
+            chunk=_int_or_auto("--chunk", chunk),
+            max_chunk_mb=max_chunk_mb,
+            lut=LUTConfig(
+                ffn=_lut("--lut", lut),
+                lm_head=_lut("--lut-lm-head", lut_lm_head),
+                embeddings=_lut("--lut-embeddings", lut_embeddings),
+            ),
+            split_lm_head=_int_or_auto("--split-lm-head", split_lm_head),
+            moe_mode=moe_mode,
+        )
+        options.check_flags()
+        config, _ = read_config(model)
+        plan = options.plan(build_model(config), Speed(bandwidth, call_ms))
+        _print_plan(plan, max_chunk_mb, Speed(bandwidth, call_ms))
+
+
 @app.command()
 def export(
     model: ModelArg,
@@ -316,6 +390,7 @@ def export(
     fp16_scale: Annotated[str, typer.Option(help="auto (recipe or probe), none, or a number")] = "auto",
     prefix: Annotated[str | None, typer.Option(help="File name prefix (default: the architecture)")] = None,
     split_lm_head: Annotated[str, typer.Option(help="LM head pieces, or auto (<= 16384 rows each)")] = "auto",
+    moe_mode: Annotated[str, typer.Option(help=MOE_MODE_HELP)] = "auto",
     attention_chunk: Annotated[int | None, typer.Option(help="Query rows per attention block in prefill (default batch/2)")] = None,
     argmax_in_model: Annotated[bool, typer.Option("--argmax-in-model", help="LM head outputs per-piece argmax")] = False,
     compile: Annotated[str, typer.Option(help="auto, yes or no: compile to .mlmodelc (macOS only)")] = "auto",
@@ -352,6 +427,7 @@ def export(
             fp16_scale=scale_setting,
             prefix=prefix,
             split_lm_head=_int_or_auto("--split-lm-head", split_lm_head),
+            moe_mode=moe_mode,
             attention_chunk=attention_chunk,
             argmax_in_model=argmax_in_model,
             compile=compile,
@@ -373,13 +449,8 @@ def export(
         skeleton = build_model(config)  # shapes only: no weights are read to plan
         options.check_model(skeleton)
         plan = options.plan(skeleton)
-        options.check_plan(plan)
-        table = Table(title=f"plan: {len(plan.chunks)} chunk(s), budget {max_chunk_mb:g} MB")
-        for col in ("part", "layers", "MB"):
-            table.add_column(col)
-        for part, layers, mb in plan.rows():
-            table.add_row(part, layers, f"{mb:.1f}")
-        Console().print(table)
+        options.check_plan(plan, skeleton)
+        _print_plan(plan, max_chunk_mb)
 
         lm = load(model, "float32", lazy=True)  # read part by part as the export goes
         if scale_setting == "auto":
@@ -438,13 +509,19 @@ def _stage_progress(name: str) -> Iterator:
 def inspect(
     folder: Annotated[str, typer.Argument(help="Export folder (with meta.yaml)")],
     max_chunk_mb: Annotated[float, typer.Option(help="Warn about programs larger than this (MB)")] = 250.0,
+    bandwidth: Annotated[float, typer.Option(help="Weight bandwidth of the decode estimate, GB/s")] = 120.0,
+    call_ms: Annotated[float, typer.Option(help="Overhead of one Core ML call in the estimate, ms")] = 3.0,
 ) -> None:
-    """Check an export against ANEMLL's format; exit 1 when something is off."""
-    from .export.conformance import inspect_export
+    """Check an export against ANEMLL's format, with its estimated decode speed per execution
+    mode; exit 1 when something is off."""
+    from .export.conformance import export_estimates, inspect_export
+    from .export.plan import Speed
 
     with user_errors():
         if not max_chunk_mb > 0:
             raise BadArgumentError(f"--max-chunk-mb must be > 0, got {max_chunk_mb}")
+        if not (bandwidth > 0 and call_ms >= 0):
+            raise BadArgumentError(f"--bandwidth must be > 0 and --call-ms >= 0, got {bandwidth:g} and {call_ms:g}")
         parts, problems = inspect_export(folder, max_chunk_mb)
     table = Table(title=str(folder), box=box.SIMPLE_HEAD, show_edge=False, padding=(0, 1), collapse_padding=True)
     table.add_column("package", no_wrap=True)  # names are what a user greps for: never cut them
@@ -459,6 +536,12 @@ def inspect(
             print(f"warning: {p.name}: {w}")
     for q in problems:
         print(f"problem: {q}")
+    if parts and all(p.mb > 0 for p in parts):
+        estimates = export_estimates(folder, parts, Speed(bandwidth, call_ms))
+        if estimates:
+            print("estimated per decoded token (program sizes on disk):")
+        for e in estimates:
+            print("  " + e.line())
     print("conforms to the ANEMLL layout" if not problems else f"{len(problems)} problem(s)")
     if problems:
         raise typer.Exit(1)

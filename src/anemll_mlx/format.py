@@ -170,6 +170,95 @@ def logits_pieces(names: list[str]) -> list[str]:
     return sorted(pieces, key=lambda n: int(n[len("logits") :]))
 
 
+# --- mixture-of-experts exports (ours: ANEMLL 0.3.5 has no MoE format) ------------------------
+
+# A mixture-of-experts layer too large for one program (or exported for routed execution) becomes
+# an attention part and expert packs, all numbered as FFN chunks in the order a host runs them:
+#   attention part: the chunk interface, + output EXPERT_WEIGHTS (1, T, experts): the router's
+#                   weights, zero outside the top k; output_hidden_states is the residual h after
+#                   attention (before the experts); when the first experts fit beside the
+#                   attention, they ride in it and it outputs their EXPERT_OUTPUT too;
+#   expert pack:    functions infer/prefill without a state: hidden_states (h) and expert_weights
+#                   -> EXPERT_OUTPUT (1, T, H), the weighted sum of its experts on the normed h.
+# The host adds h and the packs' outputs (in float32, once, rounded to fp16) for the layer's output.
+# Dense mode calls every pack; routed mode only the packs holding an expert of nonzero weight;
+# gathered mode (an export made for it) decodes through the GATHER programs and prefills as routed.
+EXPERT_WEIGHTS = "expert_weights"
+EXPERT_OUTPUT = "expert_output"
+# gathered mode (decode only): a GATHER program per sparse layer takes the chosen experts' weights
+# as inputs, (k, I, H) gate and up and (k, H, I) down, with their routing weights (1, 1, k); the
+# host gathers them from the export's stacked weights, EXPERT_FILES per layer (fp16 .npy)
+EXPERTS_GATE, EXPERTS_UP, EXPERTS_DOWN = "experts_gate", "experts_up", "experts_down"
+LAYERS, ATTENTION, EXPERTS, GATHER = "layers", "attention", "experts", "gather"  # the kinds of chunk
+MOE_MODES = ("dense", "routed", "gathered")
+
+
+def expert_file(prefix: str, layer: int, projection: str) -> str:
+    """The stacked weights of one projection (gate, up or down) of a sparse layer's experts,
+    (experts, out, in) fp16, that a host gathers the chosen experts' weights from (ours)."""
+    return f"{prefix}_experts_L{layer:02d}_{projection}.npy"
+
+
+@dataclass(frozen=True)
+class ChunkRole:
+    """What one FFN chunk computes: a range of whole layers, a layer's attention part (with its
+    router, and ``experts`` when some ride in it), or a pack of a layer's experts."""
+
+    kind: str  # LAYERS | ATTENTION | EXPERTS
+    layers: range
+    experts: range | None = None  # an expert pack's experts
+
+    def to_dict(self) -> dict:
+        if self.kind == LAYERS:
+            return {"kind": self.kind, "layers": [self.layers.start, self.layers.stop]}
+        out: dict[str, Any] = {"kind": self.kind, "layer": self.layers.start}
+        if self.experts is not None:
+            out["experts"] = [self.experts.start, self.experts.stop]
+        return out
+
+    @classmethod
+    def from_dict(cls, d: dict) -> ChunkRole:
+        kind = str(d["kind"])
+        if kind == LAYERS:
+            return cls(kind, range(int(d["layers"][0]), int(d["layers"][1])))
+        if kind not in (ATTENTION, EXPERTS, GATHER):
+            raise ValueError(f"unknown chunk kind '{kind}'")
+        layer = int(d["layer"])
+        experts = range(int(d["experts"][0]), int(d["experts"][1])) if kind == EXPERTS or "experts" in d else None
+        return cls(kind, range(layer, layer + 1), experts)
+
+
+@dataclass(frozen=True)
+class MoELayout:
+    """meta.yaml's ``anemll_mlx.moe``: the role of every chunk, the execution mode hosts use by
+    default, and whether the LM head applies the final norm (when the last chunk is an expert pack)."""
+
+    roles: list[ChunkRole]
+    mode: str  # MOE_MODES
+    num_experts: int
+    top_k: int
+    final_norm_in_lm_head: bool
+
+    def to_dict(self) -> dict:
+        return {
+            "mode": self.mode,
+            "num_experts": self.num_experts,
+            "experts_per_token": self.top_k,
+            "final_norm_in_lm_head": self.final_norm_in_lm_head,
+            "chunks": [r.to_dict() for r in self.roles],
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict) -> MoELayout:
+        return cls(
+            roles=[ChunkRole.from_dict(r) for r in d["chunks"]],
+            mode=str(d["mode"]),
+            num_experts=int(d["num_experts"]),
+            top_k=int(d["experts_per_token"]),
+            final_norm_in_lm_head=bool(d.get("final_norm_in_lm_head", False)),
+        )
+
+
 # --- the KV state -------------------------------------------------------------------------------
 
 KV_STATE = "model.model.kv_cache_0"  # ANEMLL's name for the one shared state
@@ -298,6 +387,8 @@ class ExportMeta:
     # "qat_json_sha256": sha256 of its qat.json, "parts": [the parts whose tables it gave]}
     lut_source: dict | None = None
     missing_info: list[str] = field(default_factory=list)  # model_info keys ANEMLL reads that are absent
+    moe: MoELayout | None = None  # an export with attention parts and expert packs (ours)
+    embeddings_rows: list[range] | None = None  # the vocabulary rows of each embeddings program (when split)
 
     @property
     def split_lm_head(self) -> int:
@@ -361,6 +452,8 @@ class ExportMeta:
         }
         if len(self.files.embeddings) > 1:  # split by the size budget: programs ANEMLL's runtimes do not know
             ours["embeddings_parts"] = self.files.embeddings
+            if self.embeddings_rows:  # a host calls only the programs holding the ids it looks up
+                ours["embeddings_rows"] = [[r.start, r.stop] for r in self.embeddings_rows]
         if len(self.files.lm_head) > 1:
             ours["lm_head_parts"] = self.files.lm_head
             ours["lm_head_part_pieces"] = self.head_part_pieces
@@ -372,6 +465,8 @@ class ExportMeta:
             }
         if self.lut_source is not None:
             ours["lut_source"] = self.lut_source
+        if self.moe is not None:
+            ours["moe"] = self.moe.to_dict()
         states = self.kv_states or []
         if len(states) == 1 and states[0].name == KV_STATE:
             ours["kv_state"] = {"name": KV_STATE, "shape": list(states[0].shape)}
@@ -437,6 +532,8 @@ class ExportMeta:
             calibration=_read_calibration(ours, where),
             lut_source=ours.get("lut_source") if isinstance(ours.get("lut_source"), dict) else None,
             missing_info=[k for k in MODEL_INFO_KEYS if k not in info],
+            moe=_read_moe(ours, where, chunks),
+            embeddings_rows=_read_rows(ours.get("embeddings_rows"), where),
         )
 
 
@@ -494,6 +591,28 @@ def _read_lut(params: dict, name: str) -> LUTSetting | None:
         return None
     group = params.get(f"lut_{name}_per_channel")
     return LUTSetting(int(bits), int(group) if group else None)
+
+
+def _read_rows(rows: Any, where: str) -> list[range] | None:
+    if rows is None:
+        return None
+    try:
+        return [range(int(a), int(b)) for a, b in rows]
+    except (TypeError, ValueError) as e:
+        raise CorruptModelError(f"{where} anemll_mlx.embeddings_rows is malformed ({e})") from None
+
+
+def _read_moe(ours: dict, where: str, chunks: int) -> MoELayout | None:
+    block = ours.get("moe")
+    if block is None:
+        return None
+    try:
+        layout = MoELayout.from_dict(block)
+    except (KeyError, TypeError, ValueError, IndexError) as e:
+        raise CorruptModelError(f"{where} anemll_mlx.moe is malformed ({type(e).__name__}: {e})") from None
+    if len(layout.roles) != chunks or layout.mode not in MOE_MODES:
+        raise CorruptModelError(f"{where} anemll_mlx.moe names {len(layout.roles)} chunks (num_chunks {chunks}) or a bad mode")
+    return layout
 
 
 def _read_states(ours: dict) -> list[KVState] | None:

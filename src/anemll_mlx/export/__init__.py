@@ -33,7 +33,7 @@ from ..quant.lut import LUTConfig
 from ..transforms import apply_fp16_scale
 from . import package, programs
 from .meta import export_meta, write_tokenizer_files
-from .plan import DEFAULT_BUDGET_MB, ExportPlan, plan_export
+from .plan import DEFAULT_BUDGET_MB, MOE_MODES, ExportPlan, Speed, plan_export
 from .weights import WeightStore
 
 if TYPE_CHECKING:
@@ -53,6 +53,7 @@ class ExportOptions:
     fp16_scale: float | str | None = None  # a number, None (no scaling) or "auto" (recipe, else probe)
     prefix: str | None = None
     split_lm_head: int | str = "auto"
+    moe_mode: str = "auto"  # mixture-of-experts execution: auto (by the estimate), dense or routed
     attention_chunk: int | None = None  # None: batch // 2
     argmax_in_model: bool = False
     compile: str = "auto"  # auto | yes | no
@@ -97,6 +98,8 @@ class ExportOptions:
         for flag, value in (("--chunk", self.chunk), ("--split-lm-head", self.split_lm_head)):
             if value != "auto" and (not isinstance(value, int) or value < 1):
                 raise BadArgumentError(f"{flag} must be auto or a whole number >= 1, got {value}")
+        if self.moe_mode not in MOE_MODES:
+            raise BadArgumentError(f"--moe-mode must be one of {', '.join(MOE_MODES)}, not '{self.moe_mode}'")
         if not self.max_chunk_mb > 0:
             raise BadArgumentError(f"--max-chunk-mb must be > 0, got {self.max_chunk_mb}")
         scale = self.fp16_scale
@@ -150,9 +153,18 @@ class ExportOptions:
         self.check_flags()
         self.check_model(model)
 
-    def check_plan(self, plan: ExportPlan) -> None:
+    def check_plan(self, plan: ExportPlan, model: DecoderModel | None = None) -> None:
         """A checkpoint's LUT weight split in row pieces (embeddings over the budget, LM-head
-        pieces) keeps whole groups of its table in each piece; a plan that cuts one is refused."""
+        pieces) keeps whole groups of its table in each piece; a plan that cuts one is refused.
+        Expert packs need a family that declares its attention and expert parts."""
+        if model is not None and plan.split_experts:
+            block = type(model.model.layers[0])
+            if not hasattr(block, "attention_part"):
+                raise UnsupportedError(
+                    f"{model.args.model_type}: expert packs (--moe-mode routed or gathered, or a mixture-of-experts "
+                    "layer over --max-chunk-mb) are not supported for this family yet; export whole layers "
+                    "(--moe-mode dense with a --max-chunk-mb that holds one layer)"
+                )
         if self.checkpoint_lut is None:
             return
         head_rows, start = [], 0
@@ -171,9 +183,10 @@ class ExportOptions:
                     f"groups of {spec.group_size} rows: choose --split-lm-head or --max-chunk-mb so every piece holds whole groups"
                 )
 
-    def plan(self, model: DecoderModel) -> ExportPlan:
-        """Chunks and LM-head pieces for ``model`` (shapes only: a skeleton from config.json plans the same)."""
-        return plan_export(model, self.chunk, self.max_chunk_mb, self.lut, self.split_lm_head)
+    def plan(self, model: DecoderModel, speed: Speed = Speed()) -> ExportPlan:
+        """Chunks and LM-head pieces for ``model`` (shapes only: a skeleton from config.json plans
+        the same); ``speed``: what the estimate that picks the mixture-of-experts mode assumes."""
+        return plan_export(model, self.chunk, self.max_chunk_mb, self.lut, self.split_lm_head, self.moe_mode, speed)
 
 
 @dataclass
@@ -246,7 +259,7 @@ def export_model(
     if isinstance(options.fp16_scale, float | int):
         apply_fp16_scale(model, options.fp16_scale)
     plan = plan or options.plan(model)
-    options.check_plan(plan)
+    options.check_plan(plan, model)
     prefix = options.prefix or fmt.ARCHITECTURES[lm.architecture]
     files = part_files(prefix, options, plan)
 
@@ -290,15 +303,22 @@ def export_model(
         functions = programs.chunk_functions(model, options.context, options.batch)
         for i, (layers, stem) in enumerate(zip(plan.chunks, files.chunks)):
             last = i == len(plan.chunks) - 1
-            store.prefit("ffn", layers)
-            chunk = partial(programs.chunk_program, model, ops, layers, functions, options.context, last)
-            used = [model.model.layers[n] for n in layers]
+            role = plan.roles[i] if plan.split_experts else None
+            if role is None:  # an expert pack fits its own rows' LUTs as it is traced
+                store.prefit("ffn", layers)
+            chunk = partial(programs.chunk_program, model, ops, layers, functions, options.context, last, role)
+            # a split layer's weights are let go with its last part
+            done_layer = role is None or i == len(plan.chunks) - 1 or plan.roles[i + 1].layers.start != layers.start
+            used = [model.model.layers[n] for n in layers] if done_layer else []
+            if role is not None and role.kind == fmt.GATHER:  # what the host gathers the chosen experts from
+                _write_experts(model, layers.start, prefix, scratch)
             build(f"chunk {i + 1:02d}of{len(plan.chunks):02d}", chunk, stem, used=used)
 
         first_piece = first_row = 0
         for i, (sizes, stem) in enumerate(zip(plan.head_parts, files.lm_head)):
             head = partial(
-                programs.lm_head_program, model, ops, sizes, options.argmax_in_model, first_piece, first_row
+                programs.lm_head_program, model, ops, sizes, options.argmax_in_model, first_piece, first_row,
+                plan.final_norm_in_head,
             )
             last = i == len(plan.head_parts) - 1
             build(_numbered("lm_head", i, len(files.lm_head)), head, stem, used=[model.head] if last else [])
@@ -313,6 +333,14 @@ def export_model(
     result.files = {stem: _size(target.path / f"{stem}.mlpackage") for stem in files.all()}
     result.seconds = time.perf_counter() - started
     return result
+
+
+def _write_experts(model: DecoderModel, layer: int, prefix: str, dest: Path) -> None:
+    """The stacked fp16 weights of ``layer``'s experts, one .npy per projection (``format.expert_file``)."""
+    experts = model.experts_in(layer)
+    assert experts is not None
+    for name, holder in (("gate", experts.gate_proj), ("up", experts.up_proj), ("down", experts.down_proj)):
+        np.save(dest / fmt.expert_file(prefix, layer, name), np.array(holder.weight.astype(mx.float16)))
 
 
 def _numbered(part: str, index: int, count: int) -> str:

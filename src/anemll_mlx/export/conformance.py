@@ -6,6 +6,7 @@ every deviation from ``anemll_mlx.format``; an empty list means the folder is go
 
 from __future__ import annotations
 
+import math
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -18,7 +19,7 @@ import numpy as np
 
 from .. import format as fmt
 from ..errors import CorruptModelError
-from .plan import ANE_MAX_CHANNELS, DEFAULT_BUDGET_MB, MB
+from .plan import ANE_MAX_CHANNELS, DEFAULT_BUDGET_MB, MB, Estimate, Speed, estimate_parts
 
 FP16, INT32 = 65552, 131104  # Core ML ArrayFeatureType data type codes
 
@@ -73,8 +74,15 @@ def _expected_states(meta: fmt.ExportMeta, problems: list[str]) -> dict[str, lis
     return {fmt.LOCAL_STATE: None, fmt.GLOBAL_STATE: None}
 
 
-def _check_chunk(spec, meta: fmt.ExportMeta, states: dict[str, list[int] | None]) -> list[str]:
-    """Problems of one FFN chunk: its functions, their inputs, output and state(s)."""
+def _check_chunk(
+    spec, meta: fmt.ExportMeta, states: dict[str, list[int] | None], role: fmt.ChunkRole | None = None
+) -> list[str]:
+    """Problems of one FFN chunk: its functions, their inputs, output and state(s); an expert pack
+    or attention part (``role``, from meta.yaml's ``anemll_mlx.moe``) by its own interface."""
+    if role is not None and role.kind == fmt.EXPERTS:
+        return _check_pack(spec, meta)
+    if role is not None and role.kind == fmt.GATHER:
+        return _check_gather(spec, meta)
     problems = []
     functions = {f.name: f for f in spec.description.functions}
     for kind in fmt.chunk_functions(meta.batch, rotate=meta.window is not None):
@@ -96,8 +104,11 @@ def _check_chunk(spec, meta: fmt.ExportMeta, states: dict[str, list[int] | None]
             elif (shape and inputs[key][0] != shape) or inputs[key][1] != dtype:
                 problems.append(f"{name}: input '{key}' is {inputs[key][0]}, expected {shape}")
         outputs = [o.name for o in f.output]
-        if outputs != [fmt.OUTPUT_HIDDEN_STATES]:
-            problems.append(f"{name}: outputs {outputs}, expected ['{fmt.OUTPUT_HIDDEN_STATES}']")
+        expected = [fmt.OUTPUT_HIDDEN_STATES]
+        if role is not None and role.kind == fmt.ATTENTION:
+            expected += [fmt.EXPERT_WEIGHTS] + ([fmt.EXPERT_OUTPUT] if role.experts is not None else [])
+        if outputs != expected:
+            problems.append(f"{name}: outputs {outputs}, expected {expected}")
         declared = {fmt.stored_state_name(s.name): list(s.type.stateType.arrayType.shape) for s in f.state}
         problems += _check_states(name, declared, states, meta.context)
     return problems
@@ -155,11 +166,93 @@ def _read_part(path: Path, functions: bool = False) -> tuple[PartReport, object 
         return PartReport(path.name, [], 0.0, "-", [f"missing (named in {fmt.META})"]), None
     try:
         spec = ct.utils.load_spec(str(path))
-        names = [f.name for f in spec.description.functions] if functions else ["main"]
+        names = ([f.name for f in spec.description.functions] if functions else []) or ["main"]
         return PartReport(path.name, names, _size_mb(path), lut_summary(path)), spec
     except Exception as e:  # coremltools raises RuntimeError, protobuf DecodeError, OSError...
         reason = " ".join(str(e).split())[:160] or type(e).__name__
         return PartReport(path.name, [], _size_mb(path), "-", [f"cannot be read ({reason})"]), None
+
+
+def _check_pack(spec, meta: fmt.ExportMeta) -> list[str]:
+    """An expert pack: infer and prefill, hidden_states and expert_weights in, expert_output out, no state."""
+    problems = []
+    functions = {f.name: f for f in spec.description.functions}
+    experts = meta.moe.num_experts if meta.moe else None
+    for kind in fmt.chunk_functions(meta.batch, rotate=False):
+        name, tokens = kind.name, kind.tokens
+        if name not in functions:
+            problems.append(f"no function '{name}'")
+            continue
+        f = functions[name]
+        inputs = _arrays(f.input)
+        want = {
+            fmt.HIDDEN_STATES: [1, tokens, meta.hidden_size] if meta.hidden_size else None,
+            fmt.EXPERT_WEIGHTS: [1, tokens, experts] if experts else None,
+        }
+        for key, shape in want.items():
+            if key not in inputs:
+                problems.append(f"{name}: no input '{key}'")
+            elif (shape and inputs[key][0] != shape) or inputs[key][1] != FP16:
+                problems.append(f"{name}: input '{key}' is {inputs[key][0]}, expected {shape}")
+        outputs = [o.name for o in f.output]
+        if outputs != [fmt.EXPERT_OUTPUT]:
+            problems.append(f"{name}: outputs {outputs}, expected ['{fmt.EXPERT_OUTPUT}']")
+        if len(f.state):
+            problems.append(f"{name}: an expert pack declares a state")
+    return problems
+
+
+def export_estimates(folder: str | Path, parts: list[PartReport], speed: Speed = Speed()) -> list[Estimate]:
+    """Per decoded token and execution mode, the calls, weight bytes and time of an export, from
+    its parts' sizes on disk (``parts`` as ``inspect_export`` gives them, in program order)."""
+    meta = fmt.read_export(folder, must_exist=False).meta
+    files = meta.files
+    sizes = [int(p.mb * MB) for p in parts]
+    n_embed, n_chunks = len(files.embeddings), len(files.chunks)
+    if len(sizes) != n_embed + n_chunks + len(files.lm_head):
+        return []
+    bits = meta.lut.get("embeddings")
+    row = math.ceil((meta.hidden_size or 0) * (bits.bits if bits else 16) / 8)
+    moe = meta.moe
+    if moe is None:
+        return [estimate_parts(n_embed, row, sizes[n_embed : n_embed + n_chunks], sizes[n_embed + n_chunks :], None, 0, 0, "dense", speed)]
+    gather = [r.kind == fmt.GATHER for r in moe.roles]
+    modes = ["dense", "routed"] + (["gathered"] if any(gather) else [])
+    expert_bytes = [
+        sum(_file_size(Path(folder) / fmt.expert_file(meta.prefix, r.layers.start, p)) for p in ("gate", "up", "down"))
+        // moe.num_experts if g else 0
+        for r, g in zip(moe.roles, gather)
+    ]
+    return [
+        estimate_parts(
+            n_embed, row, sizes[n_embed : n_embed + n_chunks], sizes[n_embed + n_chunks :],
+            moe.roles, moe.num_experts, moe.top_k, mode, speed, expert_bytes,
+        )  # fmt: skip
+        for mode in modes
+    ]
+
+
+def _file_size(path: Path) -> int:
+    return path.stat().st_size if path.is_file() else 0
+
+
+def _check_gather(spec, meta: fmt.ExportMeta) -> list[str]:
+    """A gather program (one function, one token): the chosen experts' weights in, expert_output
+    out, no state."""
+    description = spec.description
+    if len(description.functions):
+        return [f"a gather program has functions {[f.name for f in description.functions]}, expected one"]
+    problems = []
+    inputs = _arrays(description.input)
+    for key in (fmt.HIDDEN_STATES, fmt.EXPERT_WEIGHTS, fmt.EXPERTS_GATE, fmt.EXPERTS_UP, fmt.EXPERTS_DOWN):
+        if key not in inputs:
+            problems.append(f"no input '{key}'")
+    outputs = [o.name for o in description.output]
+    if outputs != [fmt.EXPERT_OUTPUT]:
+        problems.append(f"outputs {outputs}, expected ['{fmt.EXPERT_OUTPUT}']")
+    if len(description.state):
+        problems.append("a gather program declares a state")
+    return problems
 
 
 def head_pieces(meta: fmt.ExportMeta, programs: int) -> list[range]:
@@ -188,7 +281,11 @@ def inspect_export(folder: str | Path, warn_mb: float = DEFAULT_BUDGET_MB) -> tu
     checks: list[tuple[Path, bool, Callable[[Any], list[str]]]] = [
         (path, False, lambda spec: _check_embeddings(spec, meta)) for path in export.embeddings
     ]
-    checks += [(chunk, True, lambda spec: _check_chunk(spec, meta, states)) for chunk in export.chunks]
+    roles: list[fmt.ChunkRole | None] = list(meta.moe.roles) if meta.moe else [None] * len(export.chunks)
+    checks += [
+        (chunk, True, partial(_check_chunk, meta=meta, states=states, role=role))
+        for chunk, role in zip(export.chunks, roles)
+    ]
     checks += [
         (path, False, partial(_check_lm_head, meta=meta, pieces=pieces))
         for path, pieces in zip(export.lm_head, head_pieces(meta, len(export.lm_head)))

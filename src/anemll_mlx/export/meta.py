@@ -71,6 +71,8 @@ def export_meta(
         kv_states=kv_states(model, options.context),
         calibration=fmt.Calibration(moments.source, moments.tokens) if moments is not None else None,
         lut_source=_lut_source(lm, options),
+        moe=plan.moe_layout(),
+        embeddings_rows=plan.embed_parts if len(plan.embed_parts) > 1 else None,
     )
 
 

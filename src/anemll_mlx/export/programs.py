@@ -82,11 +82,75 @@ def _chunk_inputs(model: DecoderModel, tokens: int, context: int) -> dict:
 
 
 def chunk_program(
-    model: DecoderModel, ops: MILOps, layers: range, functions: list[fmt.ChunkFunction], context: int, last: bool
+    model: DecoderModel,
+    ops: MILOps,
+    layers: range,
+    functions: list[fmt.ChunkFunction],
+    context: int,
+    last: bool,
+    role: fmt.ChunkRole | None = None,
 ) -> Program:
-    """One FFN chunk: a function per entry of ``functions`` (``chunk_functions``), ``infer`` the default."""
-    traced = {f.name: chunk_function(model, ops, layers, f.tokens, context, last, f.rotate) for f in functions}
+    """One FFN chunk: a function per entry of ``functions`` (``chunk_functions``), ``infer`` the
+    default; with a ``role`` of a mixture-of-experts layer, its attention part or an expert pack."""
+    if role is not None and role.kind == fmt.GATHER:  # decode only: one token
+        return _program({"main": gather_function(model, ops, role.layers.start)})
+    if role is not None and role.kind == fmt.EXPERTS:
+        assert role.experts is not None
+        traced = {f.name: experts_function(model, ops, role.layers.start, role.experts, f.tokens) for f in functions}
+    else:
+        attention = role is not None and role.kind == fmt.ATTENTION
+        riding = role.experts if role is not None and attention else None
+        traced = {
+            f.name: chunk_function(model, ops, layers, f.tokens, context, last, f.rotate, attention, riding)
+            for f in functions
+        }
     return _program(traced, default=fmt.INFER)
+
+
+def gather_function(model: DecoderModel, ops: MILOps, layer: int) -> Function:
+    """A gather program (gathered mode, one token): the residual after attention, the k chosen
+    experts' routing weights (1, 1, k) and their weights as inputs (``format.EXPERTS_GATE`` ...)
+    -> their weighted sum, as batched matmuls over the k experts (no weight constants but the norm)."""
+    experts = model.experts_in(layer)
+    assert experts is not None
+    _, inter, hidden = experts.gate_proj.weight.shape
+    k = model.experts_per_token()
+    specs = {
+        fmt.HIDDEN_STATES: mb.TensorSpec((1, 1, hidden), dtype=types.fp16),
+        fmt.EXPERT_WEIGHTS: mb.TensorSpec((1, 1, k), dtype=types.fp16),
+        fmt.EXPERTS_GATE: mb.TensorSpec((k, inter, hidden), dtype=types.fp16),
+        fmt.EXPERTS_UP: mb.TensorSpec((k, inter, hidden), dtype=types.fp16),
+        fmt.EXPERTS_DOWN: mb.TensorSpec((k, hidden, inter), dtype=types.fp16),
+    }
+
+    def body(i):
+        x = model.experts_input(ops, i[fmt.HIDDEN_STATES], layer)  # (1, 1, H)
+        column = mb.reshape(x=x, shape=[hidden, 1])  # broadcast over the k experts
+        gate = mb.matmul(x=i[fmt.EXPERTS_GATE], y=column)  # (k, I, 1)
+        up = mb.matmul(x=i[fmt.EXPERTS_UP], y=column)
+        weights = mb.reshape(x=i[fmt.EXPERT_WEIGHTS], shape=[k, 1, 1])
+        act = mb.mul(x=mb.mul(x=mb.silu(x=gate), y=up), y=weights)
+        y = mb.reduce_sum(x=mb.matmul(x=i[fmt.EXPERTS_DOWN], y=act), axes=[0])  # (H, 1)
+        return [mb.identity(x=mb.reshape(x=y, shape=[1, 1, hidden]), name=fmt.EXPERT_OUTPUT)]
+
+    return _function(specs, body)
+
+
+def experts_function(model: DecoderModel, ops: MILOps, layer: int, experts: range, tokens: int) -> Function:
+    """An expert pack (no state): the residual after attention and the router's weights ->
+    the weighted sum of ``experts`` (``format.EXPERT_OUTPUT``)."""
+    count = model.experts_in(layer)
+    assert count is not None
+    specs = {
+        fmt.HIDDEN_STATES: mb.TensorSpec((1, tokens, model.args.hidden_size), dtype=types.fp16),
+        fmt.EXPERT_WEIGHTS: mb.TensorSpec((1, tokens, count.count), dtype=types.fp16),
+    }
+
+    def body(i):
+        y = model.forward_experts(ops, i[fmt.HIDDEN_STATES], i[fmt.EXPERT_WEIGHTS], layer, experts)
+        return [mb.identity(x=y, name=fmt.EXPERT_OUTPUT)]
+
+    return _function(specs, body)
 
 
 def chunk_function(
@@ -97,6 +161,8 @@ def chunk_function(
     context: int,
     last: bool,
     rotate: bool = False,
+    attention: bool = False,
+    experts: range | None = None,
 ) -> Function:
     """Layers ``layers`` over ``tokens`` new tokens at ``current_pos``, reading/writing the KV state(s).
 
@@ -133,6 +199,13 @@ def chunk_function(
             )  # fmt: skip
             masks = {"global": mask, "sliding": local}
         step = Step(positions=i[fmt.POSITION_IDS], masks=masks, cache=cache)
+        if attention:  # a mixture-of-experts layer's attention part: the residual and the router's weights
+            h, weights = model.forward_attention(ops, i[fmt.HIDDEN_STATES], step, layers.start)
+            out = [mb.identity(x=h, name=fmt.OUTPUT_HIDDEN_STATES), mb.identity(x=weights, name=fmt.EXPERT_WEIGHTS)]
+            if experts is not None:  # the first experts, beside the attention
+                y = model.forward_experts(ops, h, weights, layers.start, experts)
+                out.append(mb.identity(x=y, name=fmt.EXPERT_OUTPUT))
+            return out
         h = model.forward_layers(ops, i[fmt.HIDDEN_STATES], step, layers)
         if windowed is not None:
             windowed.touch_unused()
@@ -144,17 +217,25 @@ def chunk_function(
 
 
 def lm_head_program(
-    model: DecoderModel, ops: MILOps, sizes: list[int], argmax: bool, first_piece: int = 0, first_row: int = 0
+    model: DecoderModel,
+    ops: MILOps,
+    sizes: list[int],
+    argmax: bool,
+    first_piece: int = 0,
+    first_row: int = 0,
+    final_norm: bool = False,
 ) -> Program:
     """Final hidden state (1, 1, hidden) -> logits in pieces, or each piece's argmax and its value.
 
     One program of a split head holds the pieces from ``first_piece`` (whose rows start at
     ``first_row``), and its outputs continue the numbering: logits{first_piece + 1}, ...
+    With ``final_norm`` (the last chunk is an expert pack) it applies the model's final norm first.
     """
     specs = {fmt.HIDDEN_STATES: mb.TensorSpec((1, 1, model.args.hidden_size), dtype=types.fp16)}
 
     def body(i):
-        pieces = model.logits(ops, i[fmt.HIDDEN_STATES], sizes, first_row)
+        h = model.final_norm(ops, i[fmt.HIDDEN_STATES]) if final_norm else i[fmt.HIDDEN_STATES]
+        pieces = model.logits(ops, h, sizes, first_row)
         if not argmax:
             return [mb.identity(x=p, name=fmt.logits_name(first_piece + n)) for n, p in enumerate(pieces)]
         flat = [mb.reshape(x=p, shape=[1, -1]) for p in pieces]

@@ -108,6 +108,8 @@ def read_config(source: str | Path) -> tuple[dict, Path]:
         config = hf_config(path, read_header(path))
     elif path.is_dir():
         config = _folder_config(path)
+    elif path.is_file() and path.suffix.lower() == ".json":  # a config.json alone: enough to plan
+        config = _config_file(path)
     elif path.exists():
         raise ModelNotFoundError(f"{path} is neither a model folder nor a .gguf file")
     elif hub.looks_like_hub_id(text):
@@ -123,6 +125,10 @@ def _folder_config(folder: Path) -> dict:
     config_path = folder / "config.json"
     if not config_path.exists():
         raise ModelNotFoundError(f"{folder} has no config.json: not a Hugging Face model folder")
+    return _config_file(config_path)
+
+
+def _config_file(config_path: Path) -> dict:
     try:
         config = json.loads(config_path.read_text())
     except ValueError as e:

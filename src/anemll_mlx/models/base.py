@@ -21,7 +21,7 @@ from mlx.utils import tree_flatten
 from ..errors import CorruptModelError
 from ..format import causal_mask
 from ..ops.mlx_ops import MLXKVCache, MLXOps
-from ..ops.vocabulary import Embedding, Linear, Norm, Ops, RoPE, Step, Tensor
+from ..ops.vocabulary import Embedding, Experts, Linear, Norm, Ops, RoPE, Step, Tensor
 
 if TYPE_CHECKING:
     from ..quant.lut import LUTConfig, LUTWeight
@@ -259,6 +259,28 @@ class DecoderModel(nn.Module):
         for i in layers if layers is not None else range(len(self.model.layers)):
             h = self.model.layers[i](ops, h, i, self.rope_for(i), step)
         return h
+
+    def experts_in(self, layer: int) -> Experts | None:
+        """The routed experts of ``layer`` (a mixture-of-experts layer), else None."""
+        return next((m for _, m in self.model.layers[layer].named_modules() if isinstance(m, Experts)), None)
+
+    def experts_per_token(self) -> int:
+        """How many experts the router picks per token (families naming it otherwise override)."""
+        return int(getattr(self.args, "num_experts_per_tok", 0))
+
+    def forward_attention(self, ops: Ops, h: Tensor, step: Step, layer: int) -> tuple[Tensor, Tensor]:
+        """A mixture-of-experts layer up to its router (the export's attention part): the
+        residual after attention and the routing weights (B, T, experts)."""
+        return self.model.layers[layer].attention_part(ops, h, layer, self.rope_for(layer), step)
+
+    def forward_experts(self, ops: Ops, h: Tensor, weights: Tensor, layer: int, experts: range) -> Tensor:
+        """The weighted sum of ``experts`` of ``layer`` (an expert pack), from the residual and
+        the routing weights ``forward_attention`` gave; the packs' sum plus ``h`` is the layer's output."""
+        return self.model.layers[layer].experts_part(ops, h, weights, layer, experts)
+
+    def experts_input(self, ops: Ops, h: Tensor, layer: int) -> Tensor:
+        """What the experts of ``layer`` read: the residual ``h`` after attention, normed."""
+        return self.model.layers[layer].experts_input(ops, h)
 
     def final_norm(self, ops: Ops, h: Tensor) -> Tensor:
         return ops.rms_norm(h, self.model.norm)

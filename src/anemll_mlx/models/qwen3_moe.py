@@ -4,7 +4,9 @@ and in the sparse layers a router picking ``num_experts_per_tok`` of ``num_exper
 A layer is sparse when it is not in ``mlp_only_layers`` and (layer + 1) is a multiple of
 ``decoder_sparse_step``; the others keep Qwen3's dense MLP.  Execution is dense: every expert runs
 on every token and the unselected ones are weighted by zero (``Ops.route``, ``Ops.experts``):
-static shapes, the same program for every token.  Expert weights are held stacked per projection,
+static shapes, the same program for every token.  The export splits a layer too large for one
+program into an attention part and expert packs (``Block.attention_part``, ``Block.experts_part``),
+which the export host runs dense or routed (docs/ARCHITECTURE.md).  Expert weights are held stacked per projection,
 (experts, out, in), under mlx-lm's names (``mlp.switch_mlp.{gate,up,down}_proj``); ``sanitize``
 stacks a Hugging Face checkpoint's per-expert ``mlp.experts.N.*`` tensors into them.
 """
@@ -109,6 +111,26 @@ class Block(nn.Module):
         h = ops.add(x, attn)
         mlp = ops.tap("mlp_out", layer, self.mlp(ops, ops.rms_norm(h, self.post_attention_layernorm), layer))
         return ops.tap("residual", layer, ops.add(h, mlp))
+
+    def attention_part(self, ops: Ops, x: Tensor, layer: int, rope: RoPE, step: Step) -> tuple[Tensor, Tensor]:
+        """A sparse layer's first export part: the attention and its residual ``h``, and the
+        router's weights (B, T, experts; zero outside the top k) over the normed ``h``."""
+        attn = self.self_attn(ops, ops.rms_norm(x, self.input_layernorm), layer, rope, step)
+        h = ops.add(x, attn)
+        moe = self.mlp
+        assert isinstance(moe, SparseMoE)
+        logits = ops.linear(ops.rms_norm(h, self.post_attention_layernorm), moe.gate)
+        return h, ops.route(logits, moe.top_k, moe.norm_topk_prob)
+
+    def experts_input(self, ops: Ops, h: Tensor) -> Tensor:
+        return ops.rms_norm(h, self.post_attention_layernorm)
+
+    def experts_part(self, ops: Ops, h: Tensor, weights: Tensor, layer: int, experts: range) -> Tensor:
+        """An expert pack: the weighted sum of experts ``experts`` on the normed ``h`` (the
+        residual is added by whoever sums the packs)."""
+        moe = self.mlp
+        assert isinstance(moe, SparseMoE)
+        return ops.experts(self.experts_input(ops, h), moe.switch_mlp, weights, layer, experts)
 
     def branch_outputs(self) -> list[Linear | Norm]:
         # a sparse layer's branch ends in every expert's down_proj (one stacked holder)

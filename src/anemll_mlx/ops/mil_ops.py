@@ -34,6 +34,8 @@ from coremltools.converters.mil.mil.block import curr_block
 
 from .vocabulary import Embedding, Experts, Linear, Norm, RoPE, Step
 
+ANE_MAX_CHANNELS = 16384  # the most output channels of one Neural Engine conv
+
 
 def to_numpy(a: mx.array, dtype=np.float16) -> np.ndarray:
     return np.array(a.astype(mx.float32)).astype(dtype)
@@ -211,23 +213,35 @@ class MILOps:
             weights = mb.real_div(x=weights, y=mb.reduce_sum(x=weights, axes=[-1], keep_dims=True))
         return weights
 
-    def experts(self, x, experts: Experts, weights, layer: int):
-        """All experts as three 1x1 convs over (B, C, 1, T): gate and up with every expert's rows
-        stacked (E * hidden outputs), the hidden units weighted per expert, down as a conv of E
-        groups (expert e reads its own hidden units), the E outputs summed."""
-        E, hidden_size, dims = experts.gate_proj.weight.shape
+    def experts(self, x, experts: Experts, weights, layer: int, select: range | None = None):
+        """Experts ``select`` (all by default) as 1x1 convs over (B, C, 1, T): gate and up with
+        every expert's rows stacked, the hidden units weighted per expert, down as a conv of one
+        group per expert (expert e reads its own hidden units), the outputs summed.  The experts
+        go in groups whose convs keep within the Neural Engine's 16384 output channels."""
+        E_all, hidden_size, dims = experts.gate_proj.weight.shape
+        chosen = select if select is not None else range(E_all)
         B, T, _ = x.shape
         x4 = self.channels_first(x)
-        stacked = (E * hidden_size, dims, 1, 1)
-        gate = mb.conv(x=x4, weight=self.weight_for("ffn", experts.gate_proj, stacked, None))
-        up = mb.conv(x=x4, weight=self.weight_for("ffn", experts.up_proj, stacked, None))
-        act = mb.silu(x=gate) if experts.activation == "silu" else mb.gelu(x=gate, mode="TANH_APPROXIMATION")
-        hidden = mb.reshape(x=mb.mul(x=act, y=up), shape=[B, E, hidden_size, T])
-        per_expert = mb.expand_dims(x=mb.transpose(x=weights, perm=[0, 2, 1]), axes=[2])  # (B, E, 1, T)
-        hidden = mb.reshape(x=mb.mul(x=hidden, y=per_expert), shape=[B, E * hidden_size, 1, T])
-        down = self.weight_for("ffn", experts.down_proj, (E * dims, hidden_size, 1, 1), None)
-        y = mb.reshape(x=mb.conv(x=hidden, weight=down, groups=E), shape=[B, E, dims, T])
-        return mb.transpose(x=mb.reduce_sum(x=y, axes=[1]), perm=[0, 2, 1])
+        per_group = max(1, ANE_MAX_CHANNELS // max(hidden_size, dims))
+        total = None
+        for start in range(chosen.start, chosen.stop, per_group):
+            group = range(start, min(chosen.stop, start + per_group))
+            rows = None if len(group) == E_all else group  # the whole stack keeps its one weight
+            E = len(group)
+            stacked = (E * hidden_size, dims, 1, 1)
+            gate = mb.conv(x=x4, weight=self.weight_for("ffn", experts.gate_proj, stacked, rows))
+            up = mb.conv(x=x4, weight=self.weight_for("ffn", experts.up_proj, stacked, rows))
+            act = mb.silu(x=gate) if experts.activation == "silu" else mb.gelu(x=gate, mode="TANH_APPROXIMATION")
+            hidden = mb.reshape(x=mb.mul(x=act, y=up), shape=[B, E, hidden_size, T])
+            w = weights if rows is None else mb.slice_by_index(
+                x=weights, begin=[0, 0, group.start], end=[B, T, group.stop]
+            )  # fmt: skip
+            per_expert = mb.expand_dims(x=mb.transpose(x=w, perm=[0, 2, 1]), axes=[2])  # (B, E, 1, T)
+            hidden = mb.reshape(x=mb.mul(x=hidden, y=per_expert), shape=[B, E * hidden_size, 1, T])
+            down = self.weight_for("ffn", experts.down_proj, (E * dims, hidden_size, 1, 1), rows)
+            y = mb.reduce_sum(x=mb.reshape(x=mb.conv(x=hidden, weight=down, groups=E), shape=[B, E, dims, T]), axes=[1])
+            total = y if total is None else mb.add(x=total, y=y)
+        return mb.transpose(x=total, perm=[0, 2, 1])
 
     # --- shapes
 

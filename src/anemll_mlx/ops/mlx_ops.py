@@ -129,18 +129,23 @@ class MLXOps:
             weights = weights / mx.sum(weights, axis=-1, keepdims=True)
         return weights.astype(logits.dtype)
 
-    def experts(self, x: mx.array, experts: Experts, weights: mx.array, layer: int) -> mx.array:
+    def experts(
+        self, x: mx.array, experts: Experts, weights: mx.array, layer: int, select: range | None = None
+    ) -> mx.array:
         """Every expert on every token (dense mode): gate and up of all experts as one product with
         their stacked rows, the hidden activations weighted per expert, then down_proj of all
         experts as one product over the experts' hidden units laid side by side."""
-        E, hidden_size, dims = experts.gate_proj.weight.shape
+        part = slice(None) if select is None else slice(select.start, select.stop)
+        gate_w, up_w, down_w = (p.weight[part] for p in (experts.gate_proj, experts.up_proj, experts.down_proj))
+        weights = weights[..., part]
+        E, hidden_size, dims = gate_w.shape
         B, T, _ = x.shape
-        gate = self.matmul(x, experts.gate_proj.weight.reshape(E * hidden_size, dims).T)
-        up = self.matmul(x, experts.up_proj.weight.reshape(E * hidden_size, dims).T)
+        gate = self.matmul(x, gate_w.reshape(E * hidden_size, dims).T)
+        up = self.matmul(x, up_w.reshape(E * hidden_size, dims).T)
         act = self.silu(gate) if experts.activation == "silu" else self.gelu_tanh(gate)
         hidden = self.tap("mlp_hidden", layer, act * up).reshape(B, T, E, hidden_size)
         hidden = (hidden * weights[..., None].astype(hidden.dtype)).reshape(B, T, E * hidden_size)
-        down = experts.down_proj.weight.transpose(1, 0, 2).reshape(dims, E * hidden_size)
+        down = down_w.transpose(1, 0, 2).reshape(dims, E * hidden_size)
         return self.matmul(hidden, down.T)
 
     # --- shapes

@@ -223,10 +223,13 @@ class Ops(Protocol):
         select every tied expert (random weights never tie)."""
         ...
 
-    def experts(self, x: Tensor, experts: Experts, weights: Tensor, layer: int) -> Tensor:
+    def experts(
+        self, x: Tensor, experts: Experts, weights: Tensor, layer: int, select: range | None = None
+    ) -> Tensor:
         """Dense mixture of experts: every expert's gated MLP of ``x`` (B, T, C), weighted by
         ``weights`` (B, T, experts; zero for unselected experts) and summed.  The weight multiplies
-        the expert's hidden activation (before ``down_proj``), which is the same sum."""
+        the expert's hidden activation (before ``down_proj``), which is the same sum.  With
+        ``select``, only those experts (an expert pack of the export); ``weights`` still covers all."""
         ...
 
     def tap(self, site: str, layer: int, x: Tensor) -> Tensor:

@@ -3,8 +3,10 @@
     mlx:MODEL[@fp32|fp16|bf16][+scale=ALPHA][+lut=SPEC]
                                                our MLX model (the reference); +lut= with the
                                                decoder projections palettized as export --lut SPEC
-    mil:EXPORT_DIR                             an export, executed by our MIL executor (anywhere)
-    coreml:EXPORT_DIR                          an export, executed by Core ML (macOS only)
+    mil:EXPORT_DIR[+moe=dense|routed]          an export, executed by our MIL executor (anywhere)
+    coreml:EXPORT_DIR[+moe=dense|routed]       an export, executed by Core ML (macOS only);
+                                               +moe= picks how an export with expert packs runs
+                                               (default: the mode its meta.yaml names)
 
 All share one interface (runtime.base.Driver): reset, prefill -> logits after the prompt, decode.
 """
@@ -31,7 +33,7 @@ if TYPE_CHECKING:
     from .mil_executor import MILExecutor
 
 MLX_DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
-SPEC_FORMS = "mlx:MODEL[@fp32|fp16|bf16][+scale=A][+lut=SPEC], mil:DIR or coreml:DIR"
+SPEC_FORMS = "mlx:MODEL[@fp32|fp16|bf16][+scale=A][+lut=SPEC], mil:DIR[+moe=MODE] or coreml:DIR[+moe=MODE]"
 KINDS = ("mlx", "mil", "coreml")
 MLX_CONTEXT = 2048
 
@@ -46,6 +48,7 @@ class DriverSpec:
     dtype: str = "fp32"
     scale: float | None = None
     lut: LUTConfig | None = None
+    moe_mode: str | None = None  # an export's mixture-of-experts execution (dense | routed)
 
 
 def parse_spec(spec: str) -> DriverSpec:
@@ -54,6 +57,11 @@ def parse_spec(spec: str) -> DriverSpec:
     if not sep or kind not in KINDS or not target:
         raise BadArgumentError(f"bad driver spec '{spec}' (use {SPEC_FORMS})")
     if kind != "mlx":
+        m = re.search(r"\+moe=([^+]*)$", target)
+        if m and not Path(target).expanduser().exists():
+            if m[1] not in fmt.MOE_MODES:
+                raise BadArgumentError(f"bad +moe={m[1]} in driver spec '{spec}' (choose dense or routed)")
+            return DriverSpec(spec, kind, target[: m.start()], moe_mode=m[1])
         return DriverSpec(spec, kind, target)
     options: dict[str, str] = {}
     while not Path(target).expanduser().exists() and (m := re.search(r"\+([a-z]+)=([^+]*)$", target)):
@@ -157,7 +165,9 @@ class MILRunner:
             self.programs[program] = MILExecutor.load(program)
         return self.programs[program]
 
-    def run(self, program: str, function: str | None, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    def run(
+        self, program: str, function: str | None, inputs: dict[str, np.ndarray], stateful: bool = True
+    ) -> dict[str, np.ndarray]:
         executor = self._executor(program)
         name = function or executor.functions[0]
         out = executor.run(name, inputs, self.states)
@@ -203,9 +213,11 @@ class CoreMLRunner:
                 self.models[key] = ct.models.MLModel(program, compute_units=units, **kwargs)
         return self.models[key]
 
-    def run(self, program: str, function: str | None, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    def run(
+        self, program: str, function: str | None, inputs: dict[str, np.ndarray], stateful: bool = True
+    ) -> dict[str, np.ndarray]:
         model = self._model(program, function)
-        if function is None:
+        if function is None or not stateful:
             return model.predict(inputs)
         if self.state is None:  # one state, made by the first chunk function, shared by all
             self.state = model.make_state()
@@ -242,4 +254,4 @@ def open_driver(spec: str | DriverSpec, context: int | None = None):
         return MLXDriver(lm, spec.text, context)
     export = fmt.read_export(Path(spec.target), prefer_compiled=spec.kind == "coreml")
     runner = MILRunner() if spec.kind == "mil" else CoreMLRunner()
-    return ExportHost(export, runner, spec.text)
+    return ExportHost(export, runner, spec.text, spec.moe_mode)

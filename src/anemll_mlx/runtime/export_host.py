@@ -40,7 +40,11 @@ PREFILL_MIN = 4  # fewer remaining tokens than this at an unaligned position go 
 class ProgramRunner(Protocol):
     """Executes one function of one program file, keeping the KV state shared across calls."""
 
-    def run(self, program: str, function: str | None, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]: ...
+    def run(
+        self, program: str, function: str | None, inputs: dict[str, np.ndarray], stateful: bool = True
+    ) -> dict[str, np.ndarray]:
+        """``stateful=False``: a function without the KV state (an expert pack)."""
+        ...
 
     def reset_state(self) -> None: ...
 
@@ -50,7 +54,7 @@ class ProgramRunner(Protocol):
 
 
 class ExportHost:
-    def __init__(self, export: fmt.ExportFolder, runner: ProgramRunner, name: str):
+    def __init__(self, export: fmt.ExportFolder, runner: ProgramRunner, name: str, moe_mode: str | None = None):
         meta = export.meta
         if meta.argmax_in_model:
             raise UnsupportedError(
@@ -66,6 +70,16 @@ class ExportHost:
         self.position = 0
         self._tokenizer: Tokenizer | None = None
         self._mask_width = self._read_mask_widths()
+        self.moe = meta.moe
+        if moe_mode is not None and moe_mode not in fmt.MOE_MODES:
+            raise UserError(f"unknown mixture-of-experts mode '{moe_mode}' (choose {' or '.join(fmt.MOE_MODES)})")
+        if moe_mode in ("routed", "gathered") and self.moe is None:
+            raise UserError(f"{export.path} has no expert packs: {moe_mode} execution needs an export with them")
+        if moe_mode == "gathered" and self.moe is not None and not any(r.kind == fmt.GATHER for r in self.moe.roles):
+            raise UserError(f"{export.path} has no gather programs: export it with --moe-mode gathered")
+        self.moe_mode = moe_mode or (self.moe.mode if self.moe else "dense")
+        self._stacks: dict[tuple[int, str], np.ndarray] = {}  # gathered mode: memory-mapped expert weights
+        self.calls = 0  # programs run so far (what a decoded token costs: see ``export.plan.Estimate``)
 
     def _read_mask_widths(self) -> dict[str, int]:
         """Each chunk function's causal_mask width as its program declares it (the context, for
@@ -100,22 +114,100 @@ class ExportHost:
             fmt.CAUSAL_MASK: fmt.causal_mask(start, tokens, width).astype(np.float16),
             fmt.CURRENT_POS: np.array([start], dtype=np.int32),
         }
+        if self.moe is not None:
+            return self._moe_layers(hidden, function, inputs)
         for chunk in self.export.chunks:
-            out = self.runner.run(str(chunk), function, {fmt.HIDDEN_STATES: hidden, **inputs})
+            out = self._run(chunk, function, {fmt.HIDDEN_STATES: hidden, **inputs})
             hidden = out[fmt.OUTPUT_HIDDEN_STATES]
         return hidden
+
+    def _run(self, program, function: str | None, inputs: dict[str, np.ndarray], stateful: bool = True) -> dict:
+        self.calls += 1
+        if stateful:
+            return self.runner.run(str(program), function, inputs)
+        return self.runner.run(str(program), function, inputs, stateful=False)
+
+    def _moe_layers(self, hidden: np.ndarray, function: str, inputs: dict[str, np.ndarray]) -> np.ndarray:
+        """Chunks by their roles (``format.ChunkRole``): an attention part gives the residual h and
+        the router's weights (and the weighted sum of the experts riding in it); the layer's expert
+        packs (in routed mode only those holding an expert of nonzero weight for some token) give
+        theirs, which are added to h in float32 and rounded once to fp16 after the layer's last
+        part.  Gathered mode decodes a token through the layer's gather program instead of its
+        packs, passing it the chosen experts' weights (prefills run as routed)."""
+        assert self.moe is not None
+        roles = self.moe.roles
+        kinds = (fmt.EXPERTS, fmt.GATHER)
+        gathering = self.moe_mode == "gathered" and function == fmt.INFER
+        residual = weights = total = None
+        use_packs = True
+        for n, (chunk, role) in enumerate(zip(self.export.chunks, roles)):
+            if role.kind in kinds:
+                assert residual is not None and weights is not None and total is not None
+                if role.kind == fmt.EXPERTS and use_packs:
+                    assert role.experts is not None
+                    mine = weights[..., role.experts.start : role.experts.stop]
+                    if self.moe_mode == "dense" or np.any(mine != 0):
+                        out = self._run(chunk, function, {fmt.HIDDEN_STATES: residual, fmt.EXPERT_WEIGHTS: weights}, False)
+                        total += np.asarray(out[fmt.EXPERT_OUTPUT], dtype=np.float32)
+                elif role.kind == fmt.GATHER and not use_packs:
+                    out = self._run(chunk, None, self._gather(role.layers.start, residual, weights), False)
+                    total += np.asarray(out[fmt.EXPERT_OUTPUT], dtype=np.float32)
+            else:
+                out = self._run(chunk, function, {fmt.HIDDEN_STATES: hidden, **inputs})
+                hidden = out[fmt.OUTPUT_HIDDEN_STATES]
+                if role.kind != fmt.ATTENTION:
+                    continue
+                residual, weights = hidden, np.asarray(out[fmt.EXPERT_WEIGHTS], dtype=np.float16)
+                total = np.asarray(residual, dtype=np.float32)
+                if fmt.EXPERT_OUTPUT in out:  # the experts that ride in the attention part
+                    total += np.asarray(out[fmt.EXPERT_OUTPUT], dtype=np.float32)
+                # ties at the k-th router logit choose more than k experts: those run through the packs
+                use_packs = not gathering or int(np.count_nonzero(weights)) > self.moe.top_k
+            if n + 1 == len(roles) or roles[n + 1].kind not in kinds:
+                assert total is not None
+                hidden = total.astype(np.float16)
+        return hidden
+
+    def _gather(self, layer: int, residual: np.ndarray, weights: np.ndarray) -> dict[str, np.ndarray]:
+        """The gather program's inputs for one token: the chosen experts' weights (padded with
+        expert 0 at weight zero when fewer than k are chosen) from the export's stacked files."""
+        assert self.moe is not None
+        k = self.moe.top_k
+        row = weights.reshape(-1)
+        ids = np.flatnonzero(row)
+        ids = np.concatenate([ids, np.zeros(k - len(ids), dtype=ids.dtype)])
+        chosen = np.where(np.arange(k) < np.count_nonzero(row), row[ids], 0).astype(np.float16)
+        out = {fmt.HIDDEN_STATES: residual, fmt.EXPERT_WEIGHTS: chosen.reshape(1, 1, k)}
+        for name, key in (("gate", fmt.EXPERTS_GATE), ("up", fmt.EXPERTS_UP), ("down", fmt.EXPERTS_DOWN)):
+            out[key] = np.ascontiguousarray(self._expert_stack(layer, name)[ids])
+        return out
+
+    def _expert_stack(self, layer: int, name: str) -> np.ndarray:
+        key = (layer, name)
+        if key not in self._stacks:
+            path = self.export.path / fmt.expert_file(self.meta.prefix, layer, name)
+            if not path.is_file():
+                raise UserError(f"{self.export.path} lacks {path.name}: gathered mode needs an export made with --moe-mode gathered")
+            self._stacks[key] = np.load(path, mmap_mode="r")
+        return self._stacks[key]
 
     def _logits(self, hidden: np.ndarray) -> np.ndarray:
         """Every LM-head program's pieces, in the order of their ``logitsN`` names."""
         out: dict[str, np.ndarray] = {}
         for program in self.export.lm_head:
-            out.update(self.runner.run(str(program), None, {fmt.HIDDEN_STATES: hidden.astype(np.float16)}))
+            out.update(self._run(program, None, {fmt.HIDDEN_STATES: hidden.astype(np.float16)}))
         return np.concatenate([np.asarray(out[k], dtype=np.float32).reshape(-1) for k in fmt.logits_pieces(list(out))])
 
     def _embed(self, ids: np.ndarray) -> np.ndarray:
         """The embeddings of ``ids``: a split table's programs each give their own rows and zeros
-        elsewhere, so their sum (exact: one term is non-zero) is the table's lookup."""
-        parts = [self.runner.run(str(p), None, {fmt.INPUT_IDS: ids})[fmt.HIDDEN_STATES] for p in self.export.embeddings]
+        elsewhere, so their sum (exact: one term is non-zero) is the table's lookup; where meta.yaml
+        records each program's rows, only those holding some of the ids are called (a decoded
+        token calls one)."""
+        programs = self.export.embeddings
+        rows = self.meta.embeddings_rows
+        if rows is not None and len(rows) == len(programs):  # only the programs holding these ids
+            programs = [p for p, r in zip(programs, rows) if np.any((ids >= r.start) & (ids < r.stop))] or programs[:1]
+        parts = [self._run(p, None, {fmt.INPUT_IDS: ids})[fmt.HIDDEN_STATES] for p in programs]
         return parts[0] if len(parts) == 1 else np.asarray(np.sum(parts, axis=0, dtype=np.float16))
 
     def _batch_fits(self, remaining: int) -> bool:
