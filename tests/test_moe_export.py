@@ -33,6 +33,7 @@ from tiny_models import scale_weights
 
 DATA = Path(__file__).parent / "data"
 QWEN3_30B = DATA / "qwen3_30b_a3b_config.json"
+GEMMA4_26B = DATA / "gemma4_26b_a4b_config.json"
 CLI = Path(sys.executable).parent / "anemll-mlx"
 # 16 experts of 12 KB, top-4; layer 1 dense (a 32-unit MLP).  At 0.07 MB an attention part
 # (~50 KB) holds one expert beside it and a pack holds 5: 1 + 5 + 5 + 5 per sparse layer.
@@ -161,6 +162,30 @@ def test_plan_of_qwen3_30b_a3b_keeps_every_part_within_250_mb():
     assert fp16.estimate("dense", Speed(120, 3)).calls == 1 + 240 + 3  # one embeddings program of 3 per token
     lut4 = plan_export(model, "auto", 250.0, LUTConfig(ffn=parse_lut_spec("4")), "auto")
     assert len(lut4.chunks) == 48 * 2 and [len(r.experts or ()) for r in lut4.roles[:2]] == [64, 64]
+
+
+def test_plan_of_gemma4_26b_a4b_keeps_every_part_within_250_mb_and_beats_the_field_report():
+    """30 layers of a dense MLP beside 128 experts of 704 (top 8).  The field report decoded at
+    29 s/token; the estimates (120 GB/s, 3 ms per call) must be far below 0.6 s in fp16 gathered
+    and at LUT 4 routed, and every part within 250 MB in every mode."""
+    config = json.loads(GEMMA4_26B.read_text())
+    model = build_model(config["text_config"])
+    assert model.experts_per_token() == 8
+    seconds = {}
+    for name, lut, mode in (
+        ("fp16 routed", LUTConfig(), "routed"),
+        ("fp16 gathered", LUTConfig(), "gathered"),
+        ("lut4 routed", LUTConfig(ffn=parse_lut_spec("4")), "routed"),
+    ):
+        plan = plan_export(model, "auto", 250.0, lut, "auto", mode)
+        assert max(plan.embed_bytes + plan.chunk_bytes + plan.head_bytes) <= 250 * MB, name
+        assert sum(1 for r in plan.roles if r.kind == fmt.ATTENTION) == 30, name
+        seconds[name] = plan.estimate(mode, Speed(120, 3)).seconds
+    assert seconds["fp16 gathered"] < 0.6 and seconds["lut4 routed"] < 0.6, seconds
+    assert seconds["fp16 routed"] < 29 / 30, seconds  # 30x the report even without gathering
+    done = run_cli("plan", GEMMA4_26B)
+    assert done.exit_code == 0, done.stdout + done.stderr
+    assert "expert packs: 180 over 30 layers (128 experts, top 8)" in done.stdout
 
 
 def test_plan_cli_prints_parts_and_estimates_per_mode():

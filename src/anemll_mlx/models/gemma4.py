@@ -311,6 +311,10 @@ class Model(DecoderModel):
             self.model.per_layer_model_projection = Linear(args.hidden_size, L * P)
             self.model.per_layer_projection_norm = Norm(P, args.rms_norm_eps)
 
+
+    def experts_per_token(self) -> int:
+        """Gemma 4 names the router's top-k ``top_k_experts``."""
+        return self.args.top_k_experts if self.args.enable_moe_block else 0
     def rope_for(self, layer: int) -> RoPE:
         return self.ropes["sliding_attention" if self.args.is_sliding(layer) else "full_attention"]
 
