@@ -22,20 +22,8 @@ from cli_runner import assert_one_error, run_cli
 from gguf_writer import tensor, write_gguf
 from test_gguf import model_metadata
 from test_probe import PROMPTS, spike
-
-IDS = [5, 17, 99, 230, 41, 8, 300, 12, 77, 150, 64, 3, 201, 9]
-
-
-def edit_config(folder: Path, **changes) -> Path:
-    path = folder / "config.json"
-    config = json.loads(path.read_text())
-    config.update(changes)
-    path.write_text(json.dumps(config))
-    return folder
-
-
-def logits(model, ids: list[int] = IDS) -> np.ndarray:
-    return np.array(model(mx.array([ids]), model.make_cache(64), 0))
+from test_qwen3_moe import PROMPT_IDS as IDS
+from test_qwen3_moe import edit_config, logits
 
 
 @pytest.mark.parametrize(
