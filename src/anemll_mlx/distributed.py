@@ -105,17 +105,10 @@ class World:
         ranks add zeros), one reduction per dtype."""
         if self.size == 1:
             return arrays
-        names = sorted(arrays)
         out: dict[str, mx.array] = {}
-        for dtype in sorted({arrays[n].dtype for n in names}, key=str):
-            group = [n for n in names if arrays[n].dtype == dtype]
-            flat = mx.concatenate([arrays[n].reshape(-1) for n in group])
-            if not self.main:
-                flat = mx.zeros_like(flat)
-            total, start = self.all_sum(flat), 0
-            for n in group:
-                out[n] = total[start : start + arrays[n].size].reshape(arrays[n].shape)
-                start += arrays[n].size
+        for group, flat in _by_dtype(arrays):
+            total = self.all_sum(flat if self.main else mx.zeros_like(flat))
+            out.update(_unflatten(total, group, arrays))
         return out
 
     def gather(self, arrays: dict[str, mx.array]) -> list[dict[str, mx.array]]:
@@ -123,21 +116,15 @@ class World:
         one all-gather per dtype."""
         if self.size == 1:
             return [arrays]
-        names = sorted(arrays)
         out: list[dict[str, mx.array]] = [{} for _ in range(self.size)]
-        for dtype in sorted({arrays[n].dtype for n in names}, key=str):
-            group = [n for n in names if arrays[n].dtype == dtype]
-            flat = mx.concatenate([arrays[n].reshape(-1) for n in group])
+        for group, flat in _by_dtype(arrays):
             mx.eval(flat)
             start = time.perf_counter()
             everyone = mx.distributed.all_gather(flat, group=self.group).reshape(self.size, -1)
             mx.eval(everyone)
             self.comm_seconds += time.perf_counter() - start
             for rank in range(self.size):
-                offset = 0
-                for n in group:
-                    out[rank][n] = everyone[rank, offset : offset + arrays[n].size].reshape(arrays[n].shape)
-                    offset += arrays[n].size
+                out[rank].update(_unflatten(everyone[rank], group, arrays))
         return out
 
     def broadcast_numbers(self, values: list[float]) -> list[float]:
@@ -182,6 +169,26 @@ class World:
 
 
 SINGLE = World()
+
+
+def _by_dtype(arrays: dict[str, mx.array]) -> list[tuple[list[str], mx.array]]:
+    """(names, their arrays flattened and concatenated) per dtype, in a fixed order (the same
+    on every rank, so one collective per dtype lines up)."""
+    names = sorted(arrays)
+    groups = []
+    for dtype in sorted({arrays[n].dtype for n in names}, key=str):
+        group = [n for n in names if arrays[n].dtype == dtype]
+        groups.append((group, mx.concatenate([arrays[n].reshape(-1) for n in group])))
+    return groups
+
+
+def _unflatten(flat: mx.array, names: list[str], like: dict[str, mx.array]) -> dict[str, mx.array]:
+    """``flat`` cut back into ``names``' arrays, shaped as in ``like``."""
+    out, start = {}, 0
+    for n in names:
+        out[n] = flat[start : start + like[n].size].reshape(like[n].shape)
+        start += like[n].size
+    return out
 
 
 def connect(backend: str = "any") -> World:

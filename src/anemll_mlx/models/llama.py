@@ -57,7 +57,7 @@ class Block(nn.Module):
         super().__init__()
         scale = args.head_dim**-0.5
         self.self_attn = Attention(args, scale, args.qkv_bias, args.o_bias, args.qk_norm)
-        self.mlp = MLP(args, "silu", args.mlp_bias)
+        self.mlp: nn.Module = MLP(args, "silu", args.mlp_bias)  # a family may put a mixture of experts here
         self.input_layernorm = Norm(args.hidden_size, args.rms_norm_eps)
         self.post_attention_layernorm = Norm(args.hidden_size, args.rms_norm_eps)
 

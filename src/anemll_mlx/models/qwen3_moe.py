@@ -20,8 +20,9 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from ..errors import CorruptModelError, UnsupportedError
-from ..ops.vocabulary import Experts, Linear, Norm, Ops, RoPE, Step, Tensor, rope_inv_freq
-from .base import MLP, Attention, DecoderModel
+from ..ops.vocabulary import Experts, Linear, Ops, RoPE, Step, Tensor, rope_inv_freq
+from . import llama
+from .base import DecoderModel
 from .llama import Qwen3Args
 
 # Mixture-of-experts knobs of neighbouring families that this one does not implement: a config
@@ -98,19 +99,13 @@ class SparseMoE(nn.Module):
         return self.switch_mlp.down_proj
 
 
-class Block(nn.Module):
-    def __init__(self, args: Qwen3MoeArgs, layer: int):
-        super().__init__()
-        self.self_attn = Attention(args, args.head_dim**-0.5, args.qkv_bias, args.o_bias, qk_norm=True)
-        self.mlp = SparseMoE(args) if args.is_sparse(layer) else MLP(args, "silu")
-        self.input_layernorm = Norm(args.hidden_size, args.rms_norm_eps)
-        self.post_attention_layernorm = Norm(args.hidden_size, args.rms_norm_eps)
+class Block(llama.Block):
+    """Qwen3's block (pre-norm attention, q/k norms) whose MLP is the sparse mixture in sparse layers."""
 
-    def __call__(self, ops: Ops, x: Tensor, layer: int, rope: RoPE, step: Step) -> Tensor:
-        attn = ops.tap("attn_out", layer, self.self_attn(ops, ops.rms_norm(x, self.input_layernorm), layer, rope, step))
-        h = ops.add(x, attn)
-        mlp = ops.tap("mlp_out", layer, self.mlp(ops, ops.rms_norm(h, self.post_attention_layernorm), layer))
-        return ops.tap("residual", layer, ops.add(h, mlp))
+    def __init__(self, args: Qwen3MoeArgs, layer: int):
+        super().__init__(args)
+        if args.is_sparse(layer):
+            self.mlp = SparseMoE(args)
 
     def attention_part(self, ops: Ops, x: Tensor, layer: int, rope: RoPE, step: Step) -> tuple[Tensor, Tensor]:
         """A sparse layer's first export part: the attention and its residual ``h``, and the
@@ -132,12 +127,8 @@ class Block(nn.Module):
         assert isinstance(moe, SparseMoE)
         return ops.experts(self.experts_input(ops, h), moe.switch_mlp, weights, layer, experts)
 
-    def branch_outputs(self) -> list[Linear | Norm]:
-        # a sparse layer's branch ends in every expert's down_proj (one stacked holder)
-        return [self.self_attn.o_proj, self.mlp.down_proj]
-
-    def stream_norms(self) -> list[Norm]:
-        return [self.input_layernorm, self.post_attention_layernorm]
+    # branch_outputs: llama's [o_proj, mlp.down_proj]; in a sparse layer ``SparseMoE.down_proj``
+    # is every expert's down_proj (one stacked holder)
 
 
 _EXPERT = re.compile(r"^(model\.layers\.\d+\.mlp)\.experts\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight$")

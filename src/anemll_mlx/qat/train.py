@@ -383,12 +383,11 @@ class Trainer:
         Latent weights that do not train are the loaded model's own on every rank: not sent."""
         if self.world.size == 1:
             return
-        trained = [key for key, _ in self._optimizers()]
-        send = {
+        frozen_latent = not self.train_weights
+        arrays = self.world.broadcast({
             k: v for k, v in self.state().items()
-            if k.rsplit(".", 1)[-1] in (*trained, "indices", "tables") or k.startswith(tuple(f"opt.{t}." for t in trained))
-        }  # fmt: skip
-        arrays = self.world.broadcast(send)
+            if not (frozen_latent and (k.endswith(".latent") or k.startswith("opt.latent.")))
+        })  # fmt: skip
         for name, p in self.params.items():
             for key in ("tables", "latent"):
                 p[key] = arrays.get(f"{name}.{key}", p[key])
