@@ -159,7 +159,7 @@ class Recording:
 
 def compare_export(
     folder: Path,
-    out: Path,
+    out: Path | str,  # a folder, or "FOLDER+moe=MODE"
     steps: int = STEPS,
     context: int = CONTEXT,
     limit: int | None = PROMPT_TOKENS,
@@ -179,7 +179,7 @@ def compare_export(
         if np.argmax(r) != np.argmax(c)
     ]
     summary["max_abs_diff"] = max(float(np.abs(r - c).max()) for r, c in zip(ref.rows, cand.rows))
-    print(out.name, {k: summary[k] for k in ("kl_mean", "kl_max", "match_rate", "flips", "max_abs_diff")})
+    print(Path(out).name, {k: summary[k] for k in ("kl_mean", "kl_max", "match_rate", "flips", "max_abs_diff")})
     return summary
 
 

@@ -9,19 +9,23 @@ context 32 and batch 4 (as test_export_gemma.py does for Gemma 3).
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
 import yaml
 
+from anemll_mlx import format as fmt
 from anemll_mlx.errors import UnsupportedError
 from anemll_mlx.export import ExportOptions, export_model
 from anemll_mlx.export.conformance import inspect_export
 from anemll_mlx.loading import load
 from anemll_mlx.quant.lut import LUTConfig, parse_lut_spec
+from anemll_mlx.runtime.drivers import open_driver
 from cli_runner import assert_one_error, run_cli
 from test_export import N_PROMPTS, STEPS, _logits_run, compare_export, long_ids, options
+from tiny_models import scale_weights
 
 WIDE = {"sliding_window": 128}
 
@@ -145,9 +149,86 @@ def test_features_the_export_lacks_are_refused(tiny_model_factory, tmp_path, arc
     assert not (tmp_path / "cli").exists()
 
 
-def test_expert_packs_are_refused_until_the_family_declares_its_parts(folder, tmp_path):
-    """Routed execution (expert packs) needs a family's attention and expert parts; Gemma 4 does
-    not declare them yet: one line naming what to do instead, nothing written."""
-    result = run_cli("export", folder, "--out", tmp_path / "cli", "--context", "64", "--moe-mode", "routed")
-    assert_one_error(result, "expert packs")
-    assert not (tmp_path / "cli").exists()
+# --- expert packs: the attention part (attention, dense MLP, router) and packs that finish the layer
+
+# 16 experts of 12 KB, top-4; at 0.09 MB an attention part (72 KB with the dense MLP) holds one
+# expert beside it and a pack holds 5: 1 + 5 + 5 + 5 in each of the 4 layers
+PACKED = {"num_experts": 16, **WIDE}
+PACK_MB = 0.09
+
+
+@pytest.fixture(scope="module")
+def moe16(tiny_model_factory) -> Path:
+    return tiny_model_factory("gemma4_moe", **PACKED)
+
+
+@pytest.fixture(scope="module")
+def packed(moe16, tmp_path_factory) -> dict[str, Path]:
+    """Packs (default mode) and the gathered layout."""
+    root = tmp_path_factory.mktemp("gemma4_packs")
+    out = {}
+    for name, kwargs in (("packs", {}), ("gathered", {"moe_mode": "gathered"})):
+        out[name] = root / name
+        export_model(load(moe16, "float32"), out[name], options(max_chunk_mb=PACK_MB, **kwargs))
+    return out
+
+
+def test_packs_layout_and_interfaces(packed):
+    """meta.yaml records the split and the dense MLP riding beside the experts (``shared_branch``);
+    inspect checks every part against the chain's interface."""
+    meta = fmt.read_export(packed["packs"]).meta
+    assert meta.moe is not None and meta.moe.shared_branch and meta.moe.final_norm_in_lm_head
+    roles = [(r.kind, r.layers.start, r.experts) for r in meta.moe.roles]
+    packs = [range(1, 6), range(6, 11), range(11, 16)]
+    assert roles == [x for i in range(4) for x in [(fmt.ATTENTION, i, range(0, 1)), *[(fmt.EXPERTS, i, p) for p in packs]]]
+    for name in ("packs", "gathered"):
+        parts, problems = inspect_export(packed[name], PACK_MB)
+        assert problems == [] and [p.problems for p in parts if p.problems] == [], name
+
+
+@pytest.mark.slow
+def test_packs_match_mlx_fp32_in_every_mode(moe16, packed):
+    """Dense, routed and gathered execution against MLX float32: KL < 1e-3, every argmax the same;
+    routed gives dense's logits bit for bit with fewer calls."""
+    summaries, runs, calls = {}, {}, {}
+    ids = long_ids(moe16, 21)
+    for mode, folder in (("dense", packed["packs"]), ("routed", packed["packs"]), ("gathered", packed["gathered"])):
+        summaries[mode] = s = compare_export(moe16, f"{folder}+moe={mode}")
+        assert s["kl_mean"] < 1e-3 and s["kl_max"] < 1e-2 and s["match_rate"] == 1.0, (mode, s)
+        host = open_driver(f"mil:{folder}+moe={mode}")
+        runs[mode] = np.stack([host.prefill(ids), host.decode(7)])
+        calls[mode] = host.calls
+    print({m: {k: s[k] for k in ("kl_mean", "kl_max", "match_rate")} for m, s in summaries.items()}, calls)
+    np.testing.assert_array_equal(runs["dense"], runs["routed"])
+    assert calls["routed"] < calls["dense"]
+
+
+@pytest.mark.slow
+def test_golden_gate_passes_and_fails_when_one_expert_is_perturbed(moe16, packed, tmp_path):
+    golden = tmp_path / "golden.npz"
+    prompts = ["--prompt", "Hello there", "--prompt", "What is the capital of France?"]
+    done = run_cli("compare", "--reference", f"mlx:{moe16}", "--save-golden", golden, *prompts, "--max-tokens", "6")
+    assert done.exit_code == 0, done.stdout
+    for candidate in (f"mil:{packed['packs']}+moe=routed", f"mil:{packed['gathered']}"):
+        done = run_cli("compare", "--golden", golden, "--candidate", candidate)
+        assert done.exit_code == 0 and "greedy tokens identical" in done.stdout, done.stdout
+    perturbed = tmp_path / "perturbed"
+    shutil.copytree(moe16, perturbed)
+    scale_weights(perturbed, r"layers\.0\.experts\.(gate_up|down)_proj", 10.0, index=5)  # one expert
+    out = tmp_path / "perturbed-export"
+    export_model(load(perturbed, "float32"), out, options(max_chunk_mb=PACK_MB))
+    done = run_cli("compare", "--golden", golden, "--candidate", f"mil:{out}")
+    assert done.exit_code == 1 and "gate:" in done.stdout, done.stdout
+
+
+@pytest.mark.slow
+def test_lut8_packs_stay_close_to_the_lut8_model(moe16, tmp_path):
+    """Each pack fits its own experts' rows; with 8 output channels per table no table spans two
+    experts, so the export is as close to ``mlx:MODEL+lut=8`` as an FP16 export is to float32."""
+    out = tmp_path / "lut8"
+    export_model(load(moe16, "float32"), out, options(max_chunk_mb=PACK_MB, lut=LUTConfig(ffn=parse_lut_spec("8"))))
+    assert fmt.read_export(out).meta.moe is not None
+    s = compare_export(moe16, f"{out}+moe=routed", ref_spec=f"mlx:{moe16}+lut=8")
+    assert s["kl_mean"] < 1e-4 and s["match_rate"] >= 0.95, s
+    plain = compare_export(moe16, f"{out}+moe=routed", steps=8)
+    assert plain["kl_mean"] < 1e-2, plain  # and LUT 8 itself stays close to float32

@@ -644,9 +644,10 @@ def make_tiny_model(root: Path, arch: str, *, seed: int = 0, **config_overrides:
     return folder
 
 
-def scale_weights(folder: Path, pattern: str, factor: float) -> None:
+def scale_weights(folder: Path, pattern: str, factor: float, index: int | None = None) -> None:
     """Multiply, in place, every tensor of ``folder/model.safetensors`` whose name matches
-    ``pattern`` (``re.search``). Raises ``ValueError`` if nothing matches."""
+    ``pattern`` (``re.search``); with ``index``, only that entry of its first axis (one expert of
+    a stacked tensor). Raises ``ValueError`` if nothing matches."""
     path = Path(folder) / "model.safetensors"
     weights = mx.load(str(path))
     rx = re.compile(pattern)
@@ -654,7 +655,10 @@ def scale_weights(folder: Path, pattern: str, factor: float) -> None:
     if not hits:
         raise ValueError(f"no tensor in {path} matches {pattern!r}")
     for k in hits:
-        weights[k] = weights[k] * factor
+        if index is None:
+            weights[k] = weights[k] * factor
+        else:
+            weights[k][index] = weights[k][index] * factor
     mx.eval(weights)  # mx.load is lazy: read everything before replacing the file
     tmp = path.with_name(".scaling." + path.name)  # mx.save_safetensors wants the suffix
     _save(tmp, weights)

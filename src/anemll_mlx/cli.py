@@ -449,7 +449,7 @@ def export(
         skeleton = build_model(config)  # shapes only: no weights are read to plan
         options.check_model(skeleton)
         plan = options.plan(skeleton)
-        options.check_plan(plan, skeleton)
+        options.check_plan(plan)
         _print_plan(plan, max_chunk_mb)
 
         lm = load(model, "float32", lazy=True)  # read part by part as the export goes

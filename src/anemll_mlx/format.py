@@ -173,21 +173,32 @@ def logits_pieces(names: list[str]) -> list[str]:
 # --- mixture-of-experts exports (ours: ANEMLL 0.3.5 has no MoE format) ------------------------
 
 # A mixture-of-experts layer too large for one program (or exported for routed execution) becomes
-# an attention part and expert packs, all numbered as FFN chunks in the order a host runs them:
-#   attention part: the chunk interface, + output EXPERT_WEIGHTS (1, T, experts): the router's
-#                   weights, zero outside the top k; output_hidden_states is the residual h after
-#                   attention (before the experts); when the first experts fit beside the
-#                   attention, they ride in it and it outputs their EXPERT_OUTPUT too;
-#   expert pack:    functions infer/prefill without a state: hidden_states (h) and expert_weights
-#                   -> EXPERT_OUTPUT (1, T, H), the weighted sum of its experts on the normed h.
-# The host adds h and the packs' outputs (in float32, once, rounded to fp16) for the layer's output.
-# Dense mode calls every pack; routed mode only the packs holding an expert of nonzero weight;
-# gathered mode (an export made for it) decodes through the GATHER programs and prefills as routed.
+# an attention part and expert packs, all numbered as FFN chunks in the order a host runs them.
+# The layer's output is finished by whichever of its programs the host calls last ("the chain"),
+# since a family may combine the experts nonlinearly (Gemma 4 norms their sum, adds its dense MLP
+# and norms again):
+#   attention part: the chunk interface -> OUTPUT_HIDDEN_STATES (the layer's output as if no other
+#                   expert ran), MOE_RESIDUAL h (the residual after attention), EXPERT_WEIGHTS
+#                   (1, T, experts: the router's weights, zero outside the top k), MOE_SHARED (the
+#                   branch every token takes beside the experts, for families that have one) and,
+#                   when the first experts fit beside the attention, their weighted sum EXPERT_SUM;
+#   expert pack:    functions infer/prefill without a state: hidden_states (h), expert_weights,
+#                   EXPERT_SUM_IN (the sum of the experts run so far; zeros first) [and MOE_SHARED]
+#                   -> OUTPUT_HIDDEN_STATES (the layer's output with this pack's experts added)
+#                   and EXPERT_SUM (the running sum, for the next pack).
+# The host takes the layer's output from the last program it called.  Dense mode calls every pack;
+# routed mode only the packs holding an expert of nonzero weight; gathered mode (an export made
+# for it) decodes through the GATHER programs and prefills as routed.
 EXPERT_WEIGHTS = "expert_weights"
-EXPERT_OUTPUT = "expert_output"
+EXPERT_SUM = "expert_sum"  # a running sum out
+EXPERT_SUM_IN = "expert_sum_in"  # and in (a program's input and output cannot share a name)
+MOE_RESIDUAL = "moe_residual"
+MOE_SHARED = "moe_shared"
+MOE_LAYOUT_VERSION = 2  # 1 (before the chain): the host summed the packs' outputs
 # gathered mode (decode only): a GATHER program per sparse layer takes the chosen experts' weights
-# as inputs, (k, I, H) gate and up and (k, H, I) down, with their routing weights (1, 1, k); the
-# host gathers them from the export's stacked weights, EXPERT_FILES per layer (fp16 .npy)
+# as inputs, (k, I, H) gate and up and (k, H, I) down, with their routing weights (1, 1, k), and
+# gives the layer's output; the host gathers them from the export's stacked weights, EXPERT_FILES
+# per layer (fp16 .npy)
 EXPERTS_GATE, EXPERTS_UP, EXPERTS_DOWN = "experts_gate", "experts_up", "experts_down"
 LAYERS, ATTENTION, EXPERTS, GATHER = "layers", "attention", "experts", "gather"  # the kinds of chunk
 MOE_MODES = ("dense", "routed", "gathered")
@@ -238,24 +249,32 @@ class MoELayout:
     num_experts: int
     top_k: int
     final_norm_in_lm_head: bool
+    shared_branch: bool = False  # the attention parts output MOE_SHARED and the packs take it
 
     def to_dict(self) -> dict:
         return {
+            "version": MOE_LAYOUT_VERSION,
             "mode": self.mode,
             "num_experts": self.num_experts,
             "experts_per_token": self.top_k,
             "final_norm_in_lm_head": self.final_norm_in_lm_head,
+            "shared_branch": self.shared_branch,
             "chunks": [r.to_dict() for r in self.roles],
         }
 
     @classmethod
     def from_dict(cls, d: dict) -> MoELayout:
+        if d.get("version", 1) != MOE_LAYOUT_VERSION:
+            raise ValueError(
+                f"layout version {d.get('version', 1)}, this anemll-mlx runs version {MOE_LAYOUT_VERSION}: export the model again"
+            )
         return cls(
             roles=[ChunkRole.from_dict(r) for r in d["chunks"]],
             mode=str(d["mode"]),
             num_experts=int(d["num_experts"]),
             top_k=int(d["experts_per_token"]),
             final_norm_in_lm_head=bool(d.get("final_norm_in_lm_head", False)),
+            shared_branch=bool(d.get("shared_branch", False)),
         )
 
 

@@ -153,18 +153,9 @@ class ExportOptions:
         self.check_flags()
         self.check_model(model)
 
-    def check_plan(self, plan: ExportPlan, model: DecoderModel | None = None) -> None:
+    def check_plan(self, plan: ExportPlan) -> None:
         """A checkpoint's LUT weight split in row pieces (embeddings over the budget, LM-head
-        pieces) keeps whole groups of its table in each piece; a plan that cuts one is refused.
-        Expert packs need a family that declares its attention and expert parts."""
-        if model is not None and plan.split_experts:
-            block = type(model.model.layers[0])
-            if not hasattr(block, "attention_part"):
-                raise UnsupportedError(
-                    f"{model.args.model_type}: expert packs (--moe-mode routed or gathered, or a mixture-of-experts "
-                    "layer over --max-chunk-mb) are not supported for this family yet; export whole layers "
-                    "(--moe-mode dense with a --max-chunk-mb that holds one layer)"
-                )
+        pieces) keeps whole groups of its table in each piece; a plan that cuts one is refused."""
         if self.checkpoint_lut is None:
             return
         head_rows, start = [], 0
@@ -259,7 +250,7 @@ def export_model(
     if isinstance(options.fp16_scale, float | int):
         apply_fp16_scale(model, options.fp16_scale)
     plan = plan or options.plan(model)
-    options.check_plan(plan, model)
+    options.check_plan(plan)
     prefix = options.prefix or fmt.ARCHITECTURES[lm.architecture]
     files = part_files(prefix, options, plan)
 

@@ -98,15 +98,13 @@ def _check_chunk(
             fmt.CAUSAL_MASK: ([1, 1, tokens, meta.context], FP16),
             fmt.CURRENT_POS: ([1], INT32),
         }
-        for key, (shape, dtype) in want.items():
-            if key not in inputs:
-                problems.append(f"{name}: no input '{key}'")
-            elif (shape and inputs[key][0] != shape) or inputs[key][1] != dtype:
-                problems.append(f"{name}: input '{key}' is {inputs[key][0]}, expected {shape}")
+        problems += _check_inputs(name, inputs, want)
         outputs = [o.name for o in f.output]
         expected = [fmt.OUTPUT_HIDDEN_STATES]
         if role is not None and role.kind == fmt.ATTENTION:
-            expected += [fmt.EXPERT_WEIGHTS] + ([fmt.EXPERT_OUTPUT] if role.experts is not None else [])
+            assert meta.moe is not None
+            expected += [fmt.MOE_RESIDUAL, fmt.EXPERT_WEIGHTS] + ([fmt.MOE_SHARED] if meta.moe.shared_branch else [])
+            expected += [fmt.EXPERT_SUM] if role.experts is not None else []
         if outputs != expected:
             problems.append(f"{name}: outputs {outputs}, expected {expected}")
         declared = {fmt.stored_state_name(s.name): list(s.type.stateType.arrayType.shape) for s in f.state}
@@ -173,8 +171,29 @@ def _read_part(path: Path, functions: bool = False) -> tuple[PartReport, object 
         return PartReport(path.name, [], _size_mb(path), "-", [f"cannot be read ({reason})"]), None
 
 
+Want = dict[str, tuple[list[int] | None, Any]]  # input name -> (shape or None: any, dtype)
+
+
+def _moe_inputs(meta: fmt.ExportMeta, tokens: int) -> Want:
+    """The inputs every later part of a split layer takes (``format``: the chain)."""
+    hidden = ([1, tokens, meta.hidden_size] if meta.hidden_size else None, FP16)
+    shared = {fmt.MOE_SHARED: hidden} if meta.moe and meta.moe.shared_branch else {}
+    return {fmt.HIDDEN_STATES: hidden, **shared}
+
+
+def _check_inputs(function: str, inputs: dict, want: Want) -> list[str]:
+    problems = []
+    for key, (shape, dtype) in want.items():
+        if key not in inputs:
+            problems.append(f"{function}: no input '{key}'")
+        elif (shape and inputs[key][0] != shape) or inputs[key][1] != dtype:
+            problems.append(f"{function}: input '{key}' is {inputs[key][0]}, expected {shape}")
+    return problems
+
+
 def _check_pack(spec, meta: fmt.ExportMeta) -> list[str]:
-    """An expert pack: infer and prefill, hidden_states and expert_weights in, expert_output out, no state."""
+    """An expert pack: infer and prefill without a state; the residual, routing weights and
+    running sum (and shared branch) in, the layer's output and the running sum out."""
     problems = []
     functions = {f.name: f for f in spec.description.functions}
     experts = meta.moe.num_experts if meta.moe else None
@@ -184,19 +203,15 @@ def _check_pack(spec, meta: fmt.ExportMeta) -> list[str]:
             problems.append(f"no function '{name}'")
             continue
         f = functions[name]
-        inputs = _arrays(f.input)
         want = {
-            fmt.HIDDEN_STATES: [1, tokens, meta.hidden_size] if meta.hidden_size else None,
-            fmt.EXPERT_WEIGHTS: [1, tokens, experts] if experts else None,
+            **_moe_inputs(meta, tokens),
+            fmt.EXPERT_WEIGHTS: ([1, tokens, experts] if experts else None, FP16),
+            fmt.EXPERT_SUM_IN: ([1, tokens, meta.hidden_size] if meta.hidden_size else None, FP16),
         }
-        for key, shape in want.items():
-            if key not in inputs:
-                problems.append(f"{name}: no input '{key}'")
-            elif (shape and inputs[key][0] != shape) or inputs[key][1] != FP16:
-                problems.append(f"{name}: input '{key}' is {inputs[key][0]}, expected {shape}")
+        problems += _check_inputs(name, _arrays(f.input), want)
         outputs = [o.name for o in f.output]
-        if outputs != [fmt.EXPERT_OUTPUT]:
-            problems.append(f"{name}: outputs {outputs}, expected ['{fmt.EXPERT_OUTPUT}']")
+        if outputs != [fmt.OUTPUT_HIDDEN_STATES, fmt.EXPERT_SUM]:
+            problems.append(f"{name}: outputs {outputs}, expected ['{fmt.OUTPUT_HIDDEN_STATES}', '{fmt.EXPERT_SUM}']")
         if len(f.state):
             problems.append(f"{name}: an expert pack declares a state")
     return problems
@@ -237,19 +252,19 @@ def _file_size(path: Path) -> int:
 
 
 def _check_gather(spec, meta: fmt.ExportMeta) -> list[str]:
-    """A gather program (one function, one token): the chosen experts' weights in, expert_output
-    out, no state."""
+    """A gather program (one function, one token): the residual (and shared branch) and the
+    chosen experts' weights in, the layer's output out, no state."""
     description = spec.description
     if len(description.functions):
         return [f"a gather program has functions {[f.name for f in description.functions]}, expected one"]
-    problems = []
     inputs = _arrays(description.input)
-    for key in (fmt.HIDDEN_STATES, fmt.EXPERT_WEIGHTS, fmt.EXPERTS_GATE, fmt.EXPERTS_UP, fmt.EXPERTS_DOWN):
+    problems = _check_inputs("main", inputs, _moe_inputs(meta, 1))
+    for key in (fmt.EXPERT_WEIGHTS, fmt.EXPERTS_GATE, fmt.EXPERTS_UP, fmt.EXPERTS_DOWN):
         if key not in inputs:
             problems.append(f"no input '{key}'")
     outputs = [o.name for o in description.output]
-    if outputs != [fmt.EXPERT_OUTPUT]:
-        problems.append(f"outputs {outputs}, expected ['{fmt.EXPERT_OUTPUT}']")
+    if outputs != [fmt.OUTPUT_HIDDEN_STATES]:
+        problems.append(f"outputs {outputs}, expected ['{fmt.OUTPUT_HIDDEN_STATES}']")
     if len(description.state):
         problems.append("a gather program declares a state")
     return problems

@@ -107,6 +107,7 @@ class ExportPlan:
     final_norm_in_head: bool = False  # the last chunk is an expert pack: the LM head applies the norm
     embed_row_bytes: int = 0  # one row of the table: what a lookup reads
     expert_bytes: list[int] = field(default_factory=list)  # per chunk: one expert's bytes for a gather program
+    shared_branch: bool = False  # the MoE layers have a branch beside the experts (format.MOE_SHARED)
 
     @property
     def split_experts(self) -> bool:
@@ -116,7 +117,9 @@ class ExportPlan:
         if not self.split_experts:
             return None
         assert self.moe_mode is not None
-        return fmt.MoELayout(self.roles, self.moe_mode, self.num_experts, self.top_k, self.final_norm_in_head)
+        return fmt.MoELayout(
+            self.roles, self.moe_mode, self.num_experts, self.top_k, self.final_norm_in_head, self.shared_branch
+        )
 
     def modes(self) -> list[str]:
         """The execution modes this layout allows: routed needs expert packs, gathered its programs."""
@@ -375,7 +378,7 @@ def _expert_packs(
 
     Runs of dense layers chunked as usual; each sparse layer an attention part (attention,
     both norms, router, and the first experts when some fit beside them) and balanced packs of
-    as many experts as fit the budget (each pack holds the post-attention norm too): the fewest
+    as many experts as fit the budget (each pack holds its norms too): the fewest
     programs per layer, so the fewest calls."""
     budget = int(max_chunk_mb * MB)
     roles: list[fmt.ChunkRole] = []
@@ -413,7 +416,7 @@ def _expert_packs(
                 f"the attention part of layer {i} needs {attention / MB:.3g} MB, over --max-chunk-mb {max_chunk_mb:g}: "
                 "raise the budget or quantize with --lut"
             )
-        pack_norm = 2 * model.args.hidden_size
+        pack_norm = sum(2 * n.weight.size for n in model.pack_norms(i))
         fit = (budget - pack_norm) // one
         if fit < 1:
             raise UserError(
@@ -449,6 +452,7 @@ def _expert_packs(
         top_k=top_k,
         final_norm_in_head=final_in_head,
         expert_bytes=gathered + [0] * (len(roles) - len(gathered)) if gather else [],
+        shared_branch=model.has_shared_branch(sparse[0]),
         **head,
     )
 

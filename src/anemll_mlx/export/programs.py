@@ -107,48 +107,66 @@ def chunk_program(
     return _program(traced, default=fmt.INFER)
 
 
+def _moe_specs(model: DecoderModel, layer: int, tokens: int) -> dict:
+    """Inputs every later part of a split MoE layer takes: the residual after attention and,
+    for a family with one, the shared branch's output (``format``: the chain)."""
+    hidden = model.args.hidden_size
+    specs = {fmt.HIDDEN_STATES: mb.TensorSpec((1, tokens, hidden), dtype=types.fp16)}
+    if model.has_shared_branch(layer):
+        specs[fmt.MOE_SHARED] = mb.TensorSpec((1, tokens, hidden), dtype=types.fp16)
+    return specs
+
+
 def gather_function(model: DecoderModel, ops: MILOps, layer: int) -> Function:
     """A gather program (gathered mode, one token): the residual after attention, the k chosen
     experts' routing weights (1, 1, k) and their weights as inputs (``format.EXPERTS_GATE`` ...)
-    -> their weighted sum, as batched matmuls over the k experts (no weight constants but the norm)."""
+    -> the layer's output, the experts as batched matmuls over the k experts (no weight
+    constants but the norms)."""
     experts = model.experts_in(layer)
     assert experts is not None
     _, inter, hidden = experts.gate_proj.weight.shape
     k = model.experts_per_token()
     specs = {
-        fmt.HIDDEN_STATES: mb.TensorSpec((1, 1, hidden), dtype=types.fp16),
+        **_moe_specs(model, layer, 1),
         fmt.EXPERT_WEIGHTS: mb.TensorSpec((1, 1, k), dtype=types.fp16),
         fmt.EXPERTS_GATE: mb.TensorSpec((k, inter, hidden), dtype=types.fp16),
         fmt.EXPERTS_UP: mb.TensorSpec((k, inter, hidden), dtype=types.fp16),
         fmt.EXPERTS_DOWN: mb.TensorSpec((k, hidden, inter), dtype=types.fp16),
     }
+    activation = ops.silu if experts.activation == "silu" else ops.gelu_tanh
 
     def body(i):
-        x = model.experts_input(ops, i[fmt.HIDDEN_STATES], layer)  # (1, 1, H)
-        column = mb.reshape(x=x, shape=[hidden, 1])  # broadcast over the k experts
+        h = i[fmt.HIDDEN_STATES]
+        column = mb.reshape(x=model.experts_input(ops, h, layer), shape=[hidden, 1])  # broadcast over the k experts
         gate = mb.matmul(x=i[fmt.EXPERTS_GATE], y=column)  # (k, I, 1)
         up = mb.matmul(x=i[fmt.EXPERTS_UP], y=column)
         weights = mb.reshape(x=i[fmt.EXPERT_WEIGHTS], shape=[k, 1, 1])
-        act = mb.mul(x=mb.mul(x=mb.silu(x=gate), y=up), y=weights)
+        act = mb.mul(x=mb.mul(x=activation(gate), y=up), y=weights)
         y = mb.reduce_sum(x=mb.matmul(x=i[fmt.EXPERTS_DOWN], y=act), axes=[0])  # (H, 1)
-        return [mb.identity(x=mb.reshape(x=y, shape=[1, 1, hidden]), name=fmt.EXPERT_OUTPUT)]
+        total = mb.reshape(x=y, shape=[1, 1, hidden])
+        out = model.finish_experts(ops, h, i.get(fmt.MOE_SHARED), total, layer)
+        return [mb.identity(x=out, name=fmt.OUTPUT_HIDDEN_STATES)]
 
     return _function(specs, body)
 
 
 def experts_function(model: DecoderModel, ops: MILOps, layer: int, experts: range, tokens: int) -> Function:
-    """An expert pack (no state): the residual after attention and the router's weights ->
-    the weighted sum of ``experts`` (``format.EXPERT_OUTPUT``)."""
+    """An expert pack (no state): the residual after attention, the router's weights and the
+    running sum of the experts before it -> the layer's output with ``experts`` added, and the
+    new running sum (``format``: the chain)."""
     count = model.experts_in(layer)
     assert count is not None
     specs = {
-        fmt.HIDDEN_STATES: mb.TensorSpec((1, tokens, model.args.hidden_size), dtype=types.fp16),
+        **_moe_specs(model, layer, tokens),
         fmt.EXPERT_WEIGHTS: mb.TensorSpec((1, tokens, count.count), dtype=types.fp16),
+        fmt.EXPERT_SUM_IN: mb.TensorSpec((1, tokens, model.args.hidden_size), dtype=types.fp16),
     }
 
     def body(i):
-        y = model.forward_experts(ops, i[fmt.HIDDEN_STATES], i[fmt.EXPERT_WEIGHTS], layer, experts)
-        return [mb.identity(x=y, name=fmt.EXPERT_OUTPUT)]
+        h = i[fmt.HIDDEN_STATES]
+        total = mb.add(x=i[fmt.EXPERT_SUM_IN], y=model.forward_experts(ops, h, i[fmt.EXPERT_WEIGHTS], layer, experts))
+        out = model.finish_experts(ops, h, i.get(fmt.MOE_SHARED), total, layer)
+        return [mb.identity(x=out, name=fmt.OUTPUT_HIDDEN_STATES), mb.identity(x=total, name=fmt.EXPERT_SUM)]
 
     return _function(specs, body)
 
@@ -199,12 +217,19 @@ def chunk_function(
             )  # fmt: skip
             masks = {"global": mask, "sliding": local}
         step = Step(positions=i[fmt.POSITION_IDS], masks=masks, cache=cache)
-        if attention:  # a mixture-of-experts layer's attention part: the residual and the router's weights
-            h, weights = model.forward_attention(ops, i[fmt.HIDDEN_STATES], step, layers.start)
-            out = [mb.identity(x=h, name=fmt.OUTPUT_HIDDEN_STATES), mb.identity(x=weights, name=fmt.EXPERT_WEIGHTS)]
-            if experts is not None:  # the first experts, beside the attention
-                y = model.forward_experts(ops, h, weights, layers.start, experts)
-                out.append(mb.identity(x=y, name=fmt.EXPERT_OUTPUT))
+        if attention:  # a mixture-of-experts layer's attention part (``format``: the chain)
+            layer = layers.start
+            h, weights, shared = model.forward_attention(ops, i[fmt.HIDDEN_STATES], step, layer)
+            total = None if experts is None else model.forward_experts(ops, h, weights, layer, experts)
+            out = [
+                mb.identity(x=model.finish_experts(ops, h, shared, total, layer), name=fmt.OUTPUT_HIDDEN_STATES),
+                mb.identity(x=h, name=fmt.MOE_RESIDUAL),
+                mb.identity(x=weights, name=fmt.EXPERT_WEIGHTS),
+            ]
+            if shared is not None:
+                out.append(mb.identity(x=shared, name=fmt.MOE_SHARED))
+            if total is not None:  # the first experts, beside the attention
+                out.append(mb.identity(x=total, name=fmt.EXPERT_SUM))
             return out
         h = model.forward_layers(ops, i[fmt.HIDDEN_STATES], step, layers)
         if windowed is not None:

@@ -268,19 +268,34 @@ class DecoderModel(nn.Module):
         """How many experts the router picks per token (families naming it otherwise override)."""
         return int(getattr(self.args, "num_experts_per_tok", 0))
 
-    def forward_attention(self, ops: Ops, h: Tensor, step: Step, layer: int) -> tuple[Tensor, Tensor]:
+    def forward_attention(self, ops: Ops, h: Tensor, step: Step, layer: int) -> tuple[Tensor, Tensor, Tensor | None]:
         """A mixture-of-experts layer up to its router (the export's attention part): the
-        residual after attention and the routing weights (B, T, experts)."""
+        residual after attention, the routing weights (B, T, experts) and the shared branch's
+        output (Gemma 4's dense MLP beside the experts; None for a family without one)."""
         return self.model.layers[layer].attention_part(ops, h, layer, self.rope_for(layer), step)
 
     def forward_experts(self, ops: Ops, h: Tensor, weights: Tensor, layer: int, experts: range) -> Tensor:
         """The weighted sum of ``experts`` of ``layer`` (an expert pack), from the residual and
-        the routing weights ``forward_attention`` gave; the packs' sum plus ``h`` is the layer's output."""
+        the routing weights ``forward_attention`` gave; ``finish_experts`` makes the layer's
+        output of the packs' sum."""
         return self.model.layers[layer].experts_part(ops, h, weights, layer, experts)
+
+    def finish_experts(self, ops: Ops, h: Tensor, shared: Tensor | None, total: Tensor | None, layer: int) -> Tensor:
+        """The output of mixture-of-experts ``layer`` from the residual ``h``, the shared branch
+        and ``total``, the sum of its experts' outputs (None: no expert ran)."""
+        return self.model.layers[layer].finish_experts(ops, h, shared, total, layer)
+
+    def has_shared_branch(self, layer: int) -> bool:
+        """Whether ``forward_attention`` gives a shared branch for ``layer`` (see there)."""
+        return bool(getattr(self.model.layers[layer], "has_shared_branch", False))
 
     def experts_input(self, ops: Ops, h: Tensor, layer: int) -> Tensor:
         """What the experts of ``layer`` read: the residual ``h`` after attention, normed."""
         return self.model.layers[layer].experts_input(ops, h)
+
+    def pack_norms(self, layer: int) -> list[Norm]:
+        """The norms every expert pack of ``layer`` holds (its experts' input and the finish)."""
+        return self.model.layers[layer].pack_norms()
 
     def final_norm(self, ops: Ops, h: Tensor) -> Tensor:
         return ops.rms_norm(h, self.model.norm)

@@ -21,7 +21,9 @@ What differs from Gemma 3, following mlx-lm's ``gemma4_text``:
 Per-layer inputs ride along the hidden states on MLX: ``embed`` returns the stream and the inputs
 concatenated on the last axis, ``forward_layers`` passes them through, ``final_norm`` drops them.
 The export refuses per-layer inputs and KV-shared layers (``export_refusal``): chunks take hidden
-states only, and a shared layer's source may sit in another chunk.  Global layers of another KV
+states only, and a shared layer's source may sit in another chunk.  A MoE layer too large for one
+program exports as an attention part (attention, dense MLP, router) and expert packs, each pack
+finishing the layer from the experts' running sum (``Block.finish_experts``; format.py: the chain).  Global layers of another KV
 shape export: each KV state is as large as its largest layer (``kv_shape``).
 """
 
@@ -256,20 +258,57 @@ class Block(nn.Module):
     def __call__(
         self, ops: Ops, x: Tensor, layer: int, rope: RoPE, step: Step, per_layer: Tensor = None, shared: Any = None
     ) -> tuple[Tensor, Any]:
-        attn, kv = self.self_attn(ops, ops.rms_norm(x, self.input_layernorm), layer, rope, step, shared)
-        h = ops.add(x, ops.tap("attn_out", layer, ops.rms_norm(attn, self.post_attention_layernorm)))
+        h, kv = self.attend(ops, x, layer, rope, step, shared)
         ffn = self.mlp(ops, ops.rms_norm(h, self.pre_feedforward_layernorm), layer)
         if "router" in self:
             dense = ops.rms_norm(ffn, self.post_feedforward_layernorm_1)
-            routed = ops.experts(ops.rms_norm(h, self.pre_feedforward_layernorm_2), self.experts.switch_glu, self.router(ops, h), layer)
-            ffn = ops.add(dense, ops.rms_norm(routed, self.post_feedforward_layernorm_2))
+            routed = ops.experts(self.experts_input(ops, h), self.experts.switch_glu, self.router(ops, h), layer)
+            ffn = self.join_experts(ops, dense, routed)
+        return self.ffn_end(ops, h, ffn, layer, per_layer), kv
+
+    def attend(self, ops: Ops, x: Tensor, layer: int, rope: RoPE, step: Step, shared: Any) -> tuple[Tensor, Any]:
+        """The stream after the attention branch, and the keys and values attended over."""
+        attn, kv = self.self_attn(ops, ops.rms_norm(x, self.input_layernorm), layer, rope, step, shared)
+        return ops.add(x, ops.tap("attn_out", layer, ops.rms_norm(attn, self.post_attention_layernorm))), kv
+
+    def join_experts(self, ops: Ops, dense: Tensor, routed: Tensor | None) -> Tensor:
+        """The FFN branch of a MoE layer: the normed dense MLP plus the normed experts' sum."""
+        return dense if routed is None else ops.add(dense, ops.rms_norm(routed, self.post_feedforward_layernorm_2))
+
+    def ffn_end(self, ops: Ops, h: Tensor, ffn: Tensor, layer: int, per_layer: Tensor = None) -> Tensor:
+        """The FFN branch's post-norm and residual, the per-layer input, and the layer scalar."""
         h = ops.add(h, ops.tap("mlp_out", layer, ops.rms_norm(ffn, self.post_feedforward_layernorm)))
         if per_layer is not None:
             gate = ops.mul(ops.gelu_tanh(ops.linear(h, self.per_layer_input_gate)), per_layer)
             h = ops.add(h, ops.rms_norm(ops.linear(gate, self.per_layer_projection), self.post_per_layer_input_norm))
         # the stream before and after the layer scalar: the probe keeps the larger of the two
         h = ops.tap("residual", layer, h)
-        return ops.tap("residual", layer, ops.gain(h, self, "layer_scalar")), kv
+        return ops.tap("residual", layer, ops.gain(h, self, "layer_scalar"))
+
+    # --- the export's parts of a MoE layer (models/base.py: forward_attention ...); the export
+    # refuses per-layer inputs and KV sharing, so the parts have neither
+
+    @property
+    def has_shared_branch(self) -> bool:
+        return "router" in self
+
+    def attention_part(self, ops: Ops, x: Tensor, layer: int, rope: RoPE, step: Step) -> tuple[Tensor, Tensor, Tensor]:
+        """The stream after attention, the router's weights, and the dense MLP beside the experts (normed)."""
+        h, _ = self.attend(ops, x, layer, rope, step, None)
+        dense = self.mlp(ops, ops.rms_norm(h, self.pre_feedforward_layernorm), layer)
+        return h, self.router(ops, h), ops.rms_norm(dense, self.post_feedforward_layernorm_1)
+
+    def experts_input(self, ops: Ops, h: Tensor) -> Tensor:
+        return ops.rms_norm(h, self.pre_feedforward_layernorm_2)
+
+    def experts_part(self, ops: Ops, h: Tensor, weights: Tensor, layer: int, experts: range) -> Tensor:
+        return ops.experts(self.experts_input(ops, h), self.experts.switch_glu, weights, layer, experts)
+
+    def finish_experts(self, ops: Ops, h: Tensor, shared: Tensor, total: Tensor | None, layer: int) -> Tensor:
+        return self.ffn_end(ops, h, self.join_experts(ops, shared, total), layer)
+
+    def pack_norms(self) -> list[Norm]:
+        return [self.pre_feedforward_layernorm_2, self.post_feedforward_layernorm_2, self.post_feedforward_layernorm]
 
     def branch_outputs(self) -> list[Linear | Norm]:
         # every branch ends in its post-norm; the routed experts join the dense MLP before the last

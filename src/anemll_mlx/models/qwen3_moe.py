@@ -20,7 +20,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from ..errors import CorruptModelError, UnsupportedError
-from ..ops.vocabulary import Experts, Linear, Ops, RoPE, Step, Tensor, rope_inv_freq
+from ..ops.vocabulary import Experts, Linear, Norm, Ops, RoPE, Step, Tensor, rope_inv_freq
 from . import llama
 from .base import DecoderModel
 from .llama import Qwen3Args
@@ -107,25 +107,31 @@ class Block(llama.Block):
         if args.is_sparse(layer):
             self.mlp = SparseMoE(args)
 
-    def attention_part(self, ops: Ops, x: Tensor, layer: int, rope: RoPE, step: Step) -> tuple[Tensor, Tensor]:
+    def attention_part(self, ops: Ops, x: Tensor, layer: int, rope: RoPE, step: Step) -> tuple[Tensor, Tensor, None]:
         """A sparse layer's first export part: the attention and its residual ``h``, and the
-        router's weights (B, T, experts; zero outside the top k) over the normed ``h``."""
+        router's weights (B, T, experts; zero outside the top k) over the normed ``h``; no shared branch."""
         attn = self.self_attn(ops, ops.rms_norm(x, self.input_layernorm), layer, rope, step)
         h = ops.add(x, attn)
         moe = self.mlp
         assert isinstance(moe, SparseMoE)
-        logits = ops.linear(ops.rms_norm(h, self.post_attention_layernorm), moe.gate)
-        return h, ops.route(logits, moe.top_k, moe.norm_topk_prob)
+        logits = ops.linear(self.experts_input(ops, h), moe.gate)
+        return h, ops.route(logits, moe.top_k, moe.norm_topk_prob), None
 
     def experts_input(self, ops: Ops, h: Tensor) -> Tensor:
         return ops.rms_norm(h, self.post_attention_layernorm)
 
     def experts_part(self, ops: Ops, h: Tensor, weights: Tensor, layer: int, experts: range) -> Tensor:
-        """An expert pack: the weighted sum of experts ``experts`` on the normed ``h`` (the
-        residual is added by whoever sums the packs)."""
+        """An expert pack: the weighted sum of experts ``experts`` on the normed ``h``."""
         moe = self.mlp
         assert isinstance(moe, SparseMoE)
         return ops.experts(self.experts_input(ops, h), moe.switch_mlp, weights, layer, experts)
+
+    def finish_experts(self, ops: Ops, h: Tensor, shared: None, total: Tensor | None, layer: int) -> Tensor:
+        """The layer's output: the residual plus the experts' sum."""
+        return h if total is None else ops.add(h, total)
+
+    def pack_norms(self) -> list[Norm]:
+        return [self.post_attention_layernorm]
 
     # branch_outputs: llama's [o_proj, mlp.down_proj]; in a sparse layer ``SparseMoE.down_proj``
     # is every expert's down_proj (one stacked holder)

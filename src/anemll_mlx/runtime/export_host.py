@@ -128,56 +128,59 @@ class ExportHost:
         return self.runner.run(str(program), function, inputs, stateful=False)
 
     def _moe_layers(self, hidden: np.ndarray, function: str, inputs: dict[str, np.ndarray]) -> np.ndarray:
-        """Chunks by their roles (``format.ChunkRole``): an attention part gives the residual h and
-        the router's weights (and the weighted sum of the experts riding in it); the layer's expert
-        packs (in routed mode only those holding an expert of nonzero weight for some token) give
-        theirs, which are added to h in float32 and rounded once to fp16 after the layer's last
-        part.  Gathered mode decodes a token through the layer's gather program instead of its
-        packs, passing it the chosen experts' weights (prefills run as routed)."""
+        """Chunks by their roles (``format.ChunkRole``), as ``format`` describes the chain: an
+        attention part gives the residual h, the router's weights (and the shared branch, and the
+        sum of the experts riding in it); each expert pack called (in routed mode only those
+        holding an expert of nonzero weight for some token) adds its experts to the running sum
+        and finishes the layer; the output of the last program called is the layer's.  Gathered
+        mode decodes a token through the layer's gather program instead of its packs, passing it
+        the chosen experts' weights (prefills run as routed)."""
         assert self.moe is not None
-        roles = self.moe.roles
-        kinds = (fmt.EXPERTS, fmt.GATHER)
         gathering = self.moe_mode == "gathered" and function == fmt.INFER
-        residual = weights = total = None
+        layer: dict[str, np.ndarray] = {}  # the current layer's inputs to its packs
+        weights = np.zeros(0, dtype=np.float16)
         use_packs = True
-        for n, (chunk, role) in enumerate(zip(self.export.chunks, roles)):
-            if role.kind in kinds:
-                assert residual is not None and weights is not None and total is not None
-                if role.kind == fmt.EXPERTS and use_packs:
-                    assert role.experts is not None
-                    mine = weights[..., role.experts.start : role.experts.stop]
-                    if self.moe_mode == "dense" or np.any(mine != 0):
-                        out = self._run(chunk, function, {fmt.HIDDEN_STATES: residual, fmt.EXPERT_WEIGHTS: weights}, False)
-                        total += np.asarray(out[fmt.EXPERT_OUTPUT], dtype=np.float32)
-                elif role.kind == fmt.GATHER and not use_packs:
-                    out = self._run(chunk, None, self._gather(role.layers.start, residual, weights), False)
-                    total += np.asarray(out[fmt.EXPERT_OUTPUT], dtype=np.float32)
+        for chunk, role in zip(self.export.chunks, self.moe.roles):
+            if role.kind == fmt.EXPERTS:
+                assert role.experts is not None
+                mine = weights[..., role.experts.start : role.experts.stop]
+                if use_packs and (self.moe_mode == "dense" or np.any(mine != 0)):
+                    out = self._run(chunk, function, layer, stateful=False)
+                    hidden = out[fmt.OUTPUT_HIDDEN_STATES]
+                    layer[fmt.EXPERT_SUM_IN] = np.asarray(out[fmt.EXPERT_SUM], dtype=np.float16)
+            elif role.kind == fmt.GATHER:
+                if not use_packs:
+                    out = self._run(chunk, None, self._gather(role.layers.start, layer, weights), stateful=False)
+                    hidden = out[fmt.OUTPUT_HIDDEN_STATES]
             else:
                 out = self._run(chunk, function, {fmt.HIDDEN_STATES: hidden, **inputs})
                 hidden = out[fmt.OUTPUT_HIDDEN_STATES]
                 if role.kind != fmt.ATTENTION:
                     continue
-                residual, weights = hidden, np.asarray(out[fmt.EXPERT_WEIGHTS], dtype=np.float16)
-                total = np.asarray(residual, dtype=np.float32)
-                if fmt.EXPERT_OUTPUT in out:  # the experts that ride in the attention part
-                    total += np.asarray(out[fmt.EXPERT_OUTPUT], dtype=np.float32)
+                if fmt.MOE_RESIDUAL not in out:
+                    raise UserError(f"{self.export.path} was made by an older anemll-mlx (no {fmt.MOE_RESIDUAL}): export it again")
+                weights = np.asarray(out[fmt.EXPERT_WEIGHTS], dtype=np.float16)
+                h = np.asarray(out[fmt.MOE_RESIDUAL], dtype=np.float16)
+                layer = {fmt.HIDDEN_STATES: h, fmt.EXPERT_WEIGHTS: weights}
+                if fmt.MOE_SHARED in out:
+                    layer[fmt.MOE_SHARED] = np.asarray(out[fmt.MOE_SHARED], dtype=np.float16)
+                layer[fmt.EXPERT_SUM_IN] = np.asarray(out.get(fmt.EXPERT_SUM, np.zeros_like(h)), dtype=np.float16)
                 # ties at the k-th router logit choose more than k experts: those run through the packs
                 use_packs = not gathering or int(np.count_nonzero(weights)) > self.moe.top_k
-            if n + 1 == len(roles) or roles[n + 1].kind not in kinds:
-                assert total is not None
-                hidden = total.astype(np.float16)
         return hidden
 
-    def _gather(self, layer: int, residual: np.ndarray, weights: np.ndarray) -> dict[str, np.ndarray]:
-        """The gather program's inputs for one token: the chosen experts' weights (padded with
-        expert 0 at weight zero when fewer than k are chosen) from the export's stacked files."""
+    def _gather(self, layer: int, inputs: dict[str, np.ndarray], weights: np.ndarray) -> dict[str, np.ndarray]:
+        """The gather program's inputs for one token: the residual (and shared branch) from
+        ``inputs``, and the chosen experts' weights (padded with expert 0 at weight zero when
+        fewer than k are chosen) from the export's stacked files."""
         assert self.moe is not None
         k = self.moe.top_k
         row = weights.reshape(-1)
         ids = np.flatnonzero(row)
         ids = np.concatenate([ids, np.zeros(k - len(ids), dtype=ids.dtype)])
         chosen = np.where(np.arange(k) < np.count_nonzero(row), row[ids], 0).astype(np.float16)
-        out = {fmt.HIDDEN_STATES: residual, fmt.EXPERT_WEIGHTS: chosen.reshape(1, 1, k)}
+        out = {key: inputs[key] for key in (fmt.HIDDEN_STATES, fmt.MOE_SHARED) if key in inputs}
+        out[fmt.EXPERT_WEIGHTS] = chosen.reshape(1, 1, k)
         for name, key in (("gate", fmt.EXPERTS_GATE), ("up", fmt.EXPERTS_UP), ("down", fmt.EXPERTS_DOWN)):
             out[key] = np.ascontiguousarray(self._expert_stack(layer, name)[ids])
         return out
