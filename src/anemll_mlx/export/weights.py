@@ -30,7 +30,7 @@ from ..errors import BadArgumentError
 from ..models.base import DecoderModel, LUTTarget, lut_matrix
 from ..ops.mil_ops import shared_const, to_numpy
 from ..ops.vocabulary import Embedding, Linear
-from ..quant.lut import LUTConfig, LUTSpec, LUTWeight, fit_lut, lut_to_mil
+from ..quant.lut import InputStats, LUTConfig, LUTSpec, LUTWeight, fit_lut, lut_to_mil
 
 if TYPE_CHECKING:
     from ..probe.calibrate import InputMoments
@@ -87,7 +87,8 @@ class WeightStore:
             elif ahead is not None:
                 self.emitted[key] = ahead.unpack()
             else:
-                self.emitted[key] = fit_lut(_rows(holder, rows), spec, importance=self._importance(target))
+                importance, second_moment = self._inputs(target)
+                self.emitted[key] = fit_lut(_rows(holder, rows), spec, importance=importance, second_moment=second_moment)
             self._spent(holder, rows)
         return lut_to_mil(self.emitted[key], shape, _mil_name(key) + "_palettized", weight_id=key)
 
@@ -105,9 +106,11 @@ class WeightStore:
         if self.consume and rows is None and id(holder) not in self.keep:
             holder.weight = mx.zeros(holder.weight.shape, holder.weight.dtype)
 
-    def _importance(self, target: LUTTarget) -> np.ndarray | None:
-        """The input moments of ``target`` (one per input column, whatever rows are fitted)."""
-        return None if self.moments is None else self.moments.importance(target.part, target.name)
+    def _inputs(self, target: LUTTarget) -> InputStats:
+        """The input moments of ``target`` (per input column, whatever rows are fitted)."""
+        if self.moments is None:
+            return None, None
+        return self.moments.importance(target.part, target.name), self.moments.second_moment(target.part, target.name)
 
     @staticmethod
     def _key(name: str, rows: range | None) -> str:
@@ -136,8 +139,8 @@ class WeightStore:
                 weights.append(_rows(target.holder, None))
                 self._spent(target.holder, None)
             _give_back_freed_memory()  # before the workers fork: they inherit what the parent holds
-            importance = [self._importance(target) for target in group]
-            for target, fitted in zip(group, fit_luts(weights, spec, workers, packed=True, importance=importance)):
+            inputs = [self._inputs(target) for target in group]
+            for target, fitted in zip(group, fit_luts(weights, spec, workers, packed=True, inputs=inputs)):
                 self.fitted[target.name] = fitted
             del weights
             _give_back_freed_memory()
@@ -233,11 +236,11 @@ def fit_luts(
     spec: LUTSpec,
     workers: int | None = None,
     packed: bool = False,
-    importance: list[np.ndarray | None] | None = None,
+    inputs: list[InputStats] | None = None,
 ) -> list:
     """``fit_lut`` of each weight, in order, spread over ``workers`` forked processes; each fit as a
-    ``PackedLUT`` when ``packed`` (workers then send back half the bytes); ``importance[i]``, if
-    given, weights the fit of ``weights[i]`` (see ``fit_lut``).
+    ``PackedLUT`` when ``packed`` (workers then send back half the bytes); ``inputs[i]``, if
+    given, is the importance and second moment of ``weights[i]``'s input (see ``fit_lut``).
 
     Fork, not spawn: spawn re-imports the caller's main module (a script without a ``__main__``
     guard would run again) and would pickle every weight to the children; forked children find
@@ -246,12 +249,12 @@ def fit_luts(
     terminated at once (``Pool.__exit__``), so an interrupted export does not wait for the fits.
     """
     workers = min(lut_workers(workers), len(weights))
-    importance = importance if importance is not None else [None] * len(weights)
+    inputs = inputs if inputs is not None else [(None, None)] * len(weights)
     if workers <= 1:
-        return [_fit(w, spec, packed, imp) for w, imp in zip(weights, importance)]
+        return [_fit(w, spec, packed, stats) for w, stats in zip(weights, inputs)]
     # Largest first, so the last fits to start are short ones and the processes finish together.
     order = sorted(range(len(weights)), key=lambda i: -weights[i].size)
-    job = (weights, spec, packed, importance)
+    job = (weights, spec, packed, inputs)
     with get_context("fork").Pool(workers, initializer=_init_worker, initargs=(job,)) as pool:
         fitted = pool.map(_fit_one, order, chunksize=1)
     out: list = [None] * len(weights)
@@ -260,13 +263,14 @@ def fit_luts(
     return out
 
 
-def _fit(weight: np.ndarray, spec: LUTSpec, packed: bool, importance: np.ndarray | None) -> LUTWeight | PackedLUT:
-    fitted = fit_lut(weight, spec, importance=importance)
+def _fit(weight: np.ndarray, spec: LUTSpec, packed: bool, inputs: InputStats) -> LUTWeight | PackedLUT:
+    importance, second_moment = inputs
+    fitted = fit_lut(weight, spec, importance=importance, second_moment=second_moment)
     return PackedLUT.pack(fitted) if packed else fitted
 
 
-# what each forked worker fits: (weights, spec, packed, importance per weight)
-_Job = tuple[list[np.ndarray], LUTSpec, bool, list[np.ndarray | None]]
+# what each forked worker fits: (weights, spec, packed, input statistics per weight)
+_Job = tuple[list[np.ndarray], LUTSpec, bool, list[InputStats]]
 _worker_job: _Job | None = None  # set in each forked worker
 
 
@@ -281,5 +285,5 @@ def _init_worker(job: _Job) -> None:
 
 def _fit_one(index: int) -> LUTWeight | PackedLUT:
     assert _worker_job is not None
-    weights, spec, packed, importance = _worker_job
-    return _fit(weights[index], spec, packed, importance[index])
+    weights, spec, packed, inputs = _worker_job
+    return _fit(weights[index], spec, packed, inputs[index])

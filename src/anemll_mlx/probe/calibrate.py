@@ -4,7 +4,10 @@ A Linear ``y = x W^T`` whose weight is off by ``dW`` is off by ``x dW^T`` in its
 over inputs, and keeping only the diagonal of the input covariance (the proxy GPTQ/AWQ-style and
 SqueezeLLM-style methods use), the squared output error is ``sum_ij E[x_j^2] dW_ij^2``: an error in
 a column whose input feature is large costs more.  ``quant.lut.fit_lut(..., importance=...)``
-weights each element's squared error by its column's E[x_j^2], which this module measures.
+weights each element's squared error by its column's E[x_j^2], which this module measures.  It
+also keeps the whole second moment E[x x^T] of every input up to ``FULL_MOMENT_WIDTH`` features,
+with which ``quant.compensate`` then reassigns the fitted indices so that rounding errors of
+correlated columns cancel in the output (GPTQ's sweep; wider inputs keep the weighted fit alone).
 
 The statistics come from the model's own forward on MLX in float32: ``MomentOps`` is the MLX backend
 with every ``linear`` recording the mean square of its input per feature, so whatever a family's
@@ -25,7 +28,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import mlx.core as mx
@@ -143,24 +146,36 @@ def _messages(value: object, path: Path, number: int) -> tuple[tuple[str, str], 
     return tuple((m["role"], m["content"]) for m in value)
 
 
+# The widest input whose whole second moment is kept: (width x width) float32 per LUT target
+# (SmolLM2-135M: 211 targets, 520 MB; a 16384-wide down_proj would take 1 GB on its own).
+FULL_MOMENT_WIDTH = 4096
+
+
 @dataclass
 class InputMoments:
-    """Mean square of each input feature of each LUT target, over ``tokens`` calibration positions.
+    """Mean square of each input feature of each LUT target, over ``tokens`` calibration positions,
+    and for inputs up to ``FULL_MOMENT_WIDTH`` wide the whole second moment E[x x^T].
 
     Keyed like ``DecoderModel.lut_targets``: (part, name).  ``importance`` is what
-    ``fit_lut(..., importance=...)`` takes; a target without moments (the embeddings) gets None.
+    ``fit_lut(..., importance=...)`` takes, ``second_moment`` its ``second_moment``; a target
+    without moments (the embeddings) gets None.
     """
 
     moments: dict[tuple[str, str], np.ndarray]
     tokens: int
     source: str
+    full: dict[tuple[str, str], np.ndarray] = field(default_factory=dict)
 
     def importance(self, part: str, name: str) -> np.ndarray | None:
         return self.moments.get((part, name))
 
+    def second_moment(self, part: str, name: str) -> np.ndarray | None:
+        return self.full.get((part, name))
+
 
 class MomentOps(MLXOps):
-    """The MLX backend, summing x^2 per input feature at every ``linear`` and at the LM head.
+    """The MLX backend, summing x x^T (or, past ``FULL_MOMENT_WIDTH`` features, x^2 per feature) at
+    every ``linear`` and at the LM head.
 
     Sums are float32 MLX arrays per holder, evaluated once per forward (``settle``) so the graph
     stays one forward long; ``rows`` counts the positions each holder saw.
@@ -174,8 +189,11 @@ class MomentOps(MLXOps):
     def _record(self, holder: Linear | Embedding, x: mx.array) -> None:
         flat = x.astype(mx.float32).reshape(-1, x.shape[-1])
         key = id(holder)
-        square = mx.sum(flat * flat, axis=0)
-        self.sums[key] = square if key not in self.sums else self.sums[key] + square
+        if flat.shape[1] <= FULL_MOMENT_WIDTH:
+            moment = flat.T @ flat
+        else:
+            moment = mx.sum(flat * flat, axis=0)
+        self.sums[key] = moment if key not in self.sums else self.sums[key] + moment
         self.rows[key] = self.rows.get(key, 0) + flat.shape[0]
 
     def linear(self, x: mx.array, layer: Linear) -> mx.array:
@@ -189,11 +207,12 @@ class MomentOps(MLXOps):
     def settle(self) -> None:
         mx.eval(list(self.sums.values()))
 
-    def mean_square(self, holder: Linear | Embedding) -> np.ndarray | None:
+    def moment(self, holder: Linear | Embedding) -> np.ndarray | None:
+        """E[x x^T] (width x width, float32), or E[x^2] per feature for a wider input."""
         key = id(holder)
         if key not in self.sums:
             return None
-        return np.array(self.sums[key]).astype(np.float64) / self.rows[key]
+        return (np.array(self.sums[key]) / np.float32(self.rows[key])).astype(np.float32)
 
 
 def collect_input_moments(
@@ -203,7 +222,7 @@ def collect_input_moments(
     progress: Progress | None = None,
 ) -> InputMoments:
     """Run ``calibration`` through ``lm`` in float32 and return E[x^2] per input feature of every
-    Linear LUT target and of the LM head.  The model's weights are put back as found (a lazily
+    Linear LUT target and of the LM head (and E[x x^T] where the input is narrow enough).  The model's weights are put back as found (a lazily
     loaded model has then been read whole)."""
     model = lm.model
     original = model.parameters()
@@ -221,12 +240,17 @@ def collect_input_moments(
                 progress("calibration", i + 1, len(calibration.samples))
     finally:
         model.update(original)
-    moments = {}
+    moments, full = {}, {}
     for target in model.lut_targets():
-        found = ops.mean_square(target.holder) if target.part != "embeddings" else None
-        if found is not None:
-            moments[(target.part, target.name)] = found
-    return InputMoments(moments, tokens, calibration.source)
+        found = ops.moment(target.holder) if target.part != "embeddings" else None
+        if found is None:
+            continue
+        key = (target.part, target.name)
+        if found.ndim == 2:
+            full[key] = found
+            found = np.diag(found)
+        moments[key] = found.astype(np.float64)
+    return InputMoments(moments, tokens, calibration.source, full)
 
 
 def _sample_ids(lm: LoadedModel, sample: CalibrationSample, continuation: int) -> list[int]:

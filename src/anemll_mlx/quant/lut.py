@@ -468,12 +468,17 @@ def _as_float32(weight: np.ndarray | mx.array) -> np.ndarray:
     return np.asarray(weight, dtype=np.float32)
 
 
+# What calibration knows of a weight's input, as ``fit_lut`` takes it: (importance, second_moment)
+InputStats = tuple["np.ndarray | None", "np.ndarray | None"]
+
+
 def fit_lut(
     weight: np.ndarray | mx.array,
     spec: LUTSpec,
     iters: int = DEFAULT_ITERS,
     refine_rounds: int = DEFAULT_REFINE_ROUNDS,
     importance: np.ndarray | None = None,
+    second_moment: np.ndarray | None = None,
 ) -> LUTWeight:
     """Fit a palettized version of ``weight`` (Cout, Cin[, 1, 1]) by 1-D k-means per channel group.
 
@@ -483,6 +488,9 @@ def fit_lut(
     ``importance``: how much an error in each input column costs (for a Linear, the mean square of
     its input feature over calibration data), shape (Cin,) or the weight's shape; each element's
     squared error is weighted by it.  Only ratios matter.  None: the plain, unweighted fit.
+
+    ``second_moment``: E[x x^T] of the input (Cin, Cin); the fitted tables are kept and the indices
+    reassigned so that the output's error, not each weight's, is small (``quant.compensate``).
 
     Deterministic: the same weight, spec and importance give byte-identical indices and tables,
     which the byte-identical exports (and weight sharing across multifunction programs) rely on.
@@ -508,7 +516,12 @@ def fit_lut(
         indices[start:stop], lut[start:stop] = _fit_batch(
             rows[start:stop], spec.entries, iters, refine_rounds, batch_weights
         )
-    return LUTWeight(indices=indices.reshape(w.shape), lut=lut, spec=spec)
+    fitted = LUTWeight(indices=indices.reshape(w.shape), lut=lut, spec=spec)
+    if second_moment is None:
+        return fitted
+    from .compensate import compensated_indices  # it builds on LUTWeight
+
+    return compensated_indices(w.reshape(w.shape[0], -1), fitted, second_moment)
 
 
 def _element_weights(importance: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
