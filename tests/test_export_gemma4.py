@@ -35,20 +35,18 @@ def folder(tiny_model_factory) -> Path:
     return tiny_model_factory("gemma4_moe", **WIDE)
 
 
+def _export_each(folder: Path, root: Path, variants: dict[str, dict]) -> dict[str, Path]:
+    """``folder`` exported once per variant (ExportOptions overrides), under ``root/NAME``."""
+    for name, kwargs in variants.items():
+        export_model(load(folder, "float32"), root / name, options(**kwargs))
+    return {name: root / name for name in variants}
+
+
 @pytest.fixture(scope="module")
 def exports(folder, tmp_path_factory) -> dict[str, Path]:
     """fp16 in 1, 2 and 3 chunks, and LUT 8 (FFN) in one."""
-    root = tmp_path_factory.mktemp("gemma4_exports")
-    out = {}
-    for name, kwargs in (
-        ("fp16", {}),
-        ("chunks2", {"chunk": 2}),
-        ("chunks3", {"chunk": 3}),
-        ("lut8", {"lut": LUTConfig(ffn=parse_lut_spec("8"))}),
-    ):
-        out[name] = root / name
-        export_model(load(folder, "float32"), out[name], options(**kwargs))
-    return out
+    variants = {"fp16": {}, "chunks2": {"chunk": 2}, "chunks3": {"chunk": 3}, "lut8": {"lut": LUTConfig(ffn=parse_lut_spec("8"))}}
+    return _export_each(folder, tmp_path_factory.mktemp("gemma4_exports"), variants)
 
 
 @pytest.mark.slow
@@ -165,12 +163,8 @@ def moe16(tiny_model_factory) -> Path:
 @pytest.fixture(scope="module")
 def packed(moe16, tmp_path_factory) -> dict[str, Path]:
     """Packs (default mode) and the gathered layout."""
-    root = tmp_path_factory.mktemp("gemma4_packs")
-    out = {}
-    for name, kwargs in (("packs", {}), ("gathered", {"moe_mode": "gathered"})):
-        out[name] = root / name
-        export_model(load(moe16, "float32"), out[name], options(max_chunk_mb=PACK_MB, **kwargs))
-    return out
+    variants = {"packs": {"max_chunk_mb": PACK_MB}, "gathered": {"max_chunk_mb": PACK_MB, "moe_mode": "gathered"}}
+    return _export_each(moe16, tmp_path_factory.mktemp("gemma4_packs"), variants)
 
 
 def test_packs_layout_and_interfaces(packed):
