@@ -9,14 +9,19 @@ emits the same tables and indices, ``tests/test_qat_checkpoint.py``):
 - ours, FFN LUT 4,4: plain post-training fit, calibrated fit, and the QAT checkpoint;
 - mlx-lm's affine 4-bit quantization (``mlx.nn.quantize``, group 64, as ``mlx_lm convert -q``) of
   the same projections (decoder layers only, like our FFN part), on mlx-lm's own model class
-  holding the same weights.  mlx-lm's DWQ is not run: it trains for hours on a GPU-sized budget.
+  holding the same weights;
+- with ``--dwq-steps N`` (and the QAT run's ``--kd-cache``), mlx-lm's DWQ of that 4-bit model:
+  ``mlx_lm.quant.dwq.dwq_quantize`` itself (its loop, its loss: KL at temperature 2 against the
+  float32 teacher's full logits, its trainable scales and biases), float32 on the CPU, over the KD
+  cache's training text: N batches of 4, the budget a QAT run of N steps gets.  Its learning rate
+  is mlx-lm's default (1e-6) unless ``--dwq-lr`` says otherwise.
 
 Speed: short ``qat`` runs (``--bench-steps``) on 1 rank and on 2 local ranks (``mlx.launch``, ring
 over loopback) report seconds per step, tokens per second, and for 2 ranks the gradient reduction's
 time and bytes per step.  This machine has 2 cores, so 2 ranks measure the overhead of the split,
 not a speed-up.
 
-Run: .venv/bin/python bench/qat.py [--checkpoint CKPT] [--bench-steps 6]
+Run: .venv/bin/python bench/qat.py [--checkpoint CKPT] [--bench-steps 6] [--kd-cache KD --dwq-steps 150]
   --checkpoint: a QAT checkpoint of SmolLM2 (``anemll-mlx qat GGUF --out CKPT``); without it the QAT
   row is left out (a full run takes most of an hour here).
 """
@@ -27,10 +32,12 @@ import anemll_mlx  # noqa: F401  (first, before mlx.core: the fast BLAS goes und
 
 # isort: split
 import argparse
+import itertools
 import json
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import mlx.core as mx
@@ -43,7 +50,7 @@ from anemll_mlx.eval.prompts import default_prompts
 from anemll_mlx.loading import load
 from anemll_mlx.probe.calibrate import calibration_set, collect_input_moments
 from anemll_mlx.qat.checkpoint import ptq_luts
-from anemll_mlx.qat.kd_cache import build_kd_cache
+from anemll_mlx.qat.kd_cache import build_kd_cache, open_kd_cache
 from anemll_mlx.qat.train import forward, luts_in_place
 from anemll_mlx.quant.lut import LUTConfig, LUTSpec
 from anemll_mlx.runtime.drivers import MLXDriver
@@ -79,7 +86,8 @@ def ours(model):
     return lambda ids: np.array(forward(model, mx.array(ids)[None])[0].astype(mx.float32))
 
 
-def mlx_lm_4bit(lm):
+def quantized_peer(lm):
+    """mlx-lm's model holding the same weights, its decoder-layer projections at affine 4 bits, group 64."""
     peer = mlx_lm_peer(lm)
     nn.quantize(
         peer,
@@ -88,7 +96,37 @@ def mlx_lm_4bit(lm):
         class_predicate=lambda path, m: isinstance(m, nn.Linear) and ".layers." in f".{path}",
     )
     mx.eval(peer.parameters())
+    return peer
+
+
+def mlx_lm_4bit(lm):
+    peer = quantized_peer(lm)
     return lambda ids: np.array(peer(mx.array(ids)[None])[0].astype(mx.float32))
+
+
+def mlx_lm_dwq(lm, kd_path: Path, steps: int, lr: float):
+    """mlx-lm's DWQ of ``mlx_lm_4bit``'s model (see the module docstring); returns its logits
+    function and the seconds per step."""
+    import mlx.optimizers as optim
+    from mlx_lm.quant.dwq import dwq_quantize
+
+    kd = open_kd_cache(kd_path)
+    rows = []
+    for batch in itertools.islice(kd.batches(4, seed=0), steps):
+        for tokens, mask in zip(np.array(batch.tokens), np.array(batch.mask)):
+            rows.append((tokens[: int(mask.sum()) + 1].tolist(), 0))
+    valid = kd.validation(8)
+    held = [(t[: int(m.sum()) + 1].tolist(), 0) for t, m in zip(np.array(valid.tokens), np.array(valid.mask))]
+    teacher = mlx_lm_peer(lm)
+    student = quantized_peer(lm)
+    started = time.perf_counter()
+    dwq_quantize(
+        student, lambda batch, i, split: teacher(batch), optim.Adam(learning_rate=lr, bias_correction=True),
+        rows, held, 4, kd.max_length, seed=0, dtype=mx.float32,
+    )  # fmt: skip
+    seconds = (time.perf_counter() - started) / steps
+    student.eval()
+    return (lambda ids: np.array(student(mx.array(ids)[None])[0].astype(mx.float32))), seconds
 
 
 def training_speed(gguf: Path, steps: int) -> dict[int, dict]:
@@ -114,10 +152,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--checkpoint", type=Path)
     parser.add_argument("--bench-steps", type=int, default=6)
+    parser.add_argument("--kd-cache", type=Path, help="the QAT run's KD cache (for --dwq-steps)")
+    parser.add_argument("--dwq-steps", type=int, default=0, help="run mlx-lm's DWQ for this many batches of 4")
+    parser.add_argument("--dwq-lr", type=float, default=1e-6)
+    parser.add_argument("--skip-speed", action="store_true", help="leave out the qat speed runs")
     opts = parser.parse_args()
     gguf = smollm2_gguf()
 
-    speed = training_speed(gguf, opts.bench_steps)
+    speed = {} if opts.skip_speed else training_speed(gguf, opts.bench_steps)
     for ranks, row in speed.items():
         comm = (
             f", gradient reduction {1000 * row['comm_seconds_per_step']:.0f} ms/step, "
@@ -128,13 +170,21 @@ def main() -> None:
             f"qat step on {ranks} rank(s) (global batch 4 x 128 tokens, fp32, tables): "
             f"{row['seconds_per_step']:.1f} s, {row['tokens_per_second']:.0f} tokens/s{comm}"
         )
-    print(f"2 ranks / 1 rank tokens/s: {speed[2]['tokens_per_second'] / speed[1]['tokens_per_second']:.2f}x (2 cores in all: overhead, not speed-up)")
+    if speed:
+        ratio = speed[2]["tokens_per_second"] / speed[1]["tokens_per_second"]
+        print(f"2 ranks / 1 rank tokens/s: {ratio:.2f}x (2 cores in all: overhead, not speed-up)")
 
     lm = load(gguf, "float32")
     refs = references(lm)
     reference_logits = [ours(lm.model)(ids)[start - 1 :] for ids, start in refs]
     rows = {}
     rows["mlx-lm affine 4-bit g64"] = drift(mlx_lm_4bit(lm), refs, reference_logits)
+    if opts.dwq_steps:
+        if opts.kd_cache is None:
+            parser.error("--dwq-steps needs --kd-cache (the QAT run's, for the same training text)")
+        dwq, seconds = mlx_lm_dwq(lm, opts.kd_cache, opts.dwq_steps, opts.dwq_lr)
+        print(f"mlx-lm DWQ: {opts.dwq_steps} steps of 4, lr {opts.dwq_lr:g}, {seconds:.1f} s/step (float32, CPU)")
+        rows[f"mlx-lm DWQ 4-bit g64 ({opts.dwq_steps} steps, lr {opts.dwq_lr:g})"] = drift(dwq, refs, reference_logits)
     plain = ptq_luts(lm, LUT44)
     moments = collect_input_moments(lm, calibration_set())
     calibrated = ptq_luts(lm, LUT44, moments)
@@ -152,10 +202,10 @@ def main() -> None:
     print(f"{'weights':44s} {'KL':>8s} {'match':>7s}")
     for name, (kl, match) in rows.items():
         print(f"{name:44s} {kl:8.4f} {100 * match:6.1f}%")
-    base = rows["mlx-lm affine 4-bit g64"][0]
+    peers = {name: kl for name, (kl, _) in rows.items() if name.startswith("mlx-lm")}
     for name, (kl, _) in rows.items():
         if name.startswith("ours"):
-            print(f"{name}: KL {kl / base:.2f}x mlx-lm 4-bit's")
+            print(f"{name}: KL " + ", ".join(f"{kl / base:.2f}x {peer}'s" for peer, base in peers.items()))
     print(json.dumps({"speed": speed, "drift": rows}))
 
 

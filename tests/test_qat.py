@@ -126,9 +126,8 @@ def _settings(**overrides) -> QATSettings:
 def test_training_lowers_the_validation_drift(llama: Path, kd: KDCache, tmp_path: Path) -> None:
     report = run_qat(str(llama), tmp_path / "ck", _settings(), kd.path)
     start, end = report.validation["calibrated PTQ"], report.validation["QAT"]
-    # measured: calibrated (compensated indices) 0.371 -> 0.337 (0.91x), match 67% -> 78%; from the
-    # weighted fit without compensation it was 0.392 -> 0.343
-    assert end["kl"] < 0.93 * start["kl"] and end["match"] > start["match"], report.validation
+    # measured: calibrated (the weighted fit, QAT's start) 0.392 -> 0.343 (0.875x), match 61% -> 79%
+    assert end["kl"] < 0.9 * start["kl"] and end["match"] > start["match"], report.validation
     assert not report.got_worse
     info = json.loads((tmp_path / "ck" / "qat.json").read_text())
     assert info["complete"] and info["step"] == 40 and len(info["history"]) == 40

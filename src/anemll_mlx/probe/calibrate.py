@@ -174,22 +174,23 @@ class InputMoments:
 
 
 class MomentOps(MLXOps):
-    """The MLX backend, summing x x^T (or, past ``FULL_MOMENT_WIDTH`` features, x^2 per feature) at
-    every ``linear`` and at the LM head.
+    """The MLX backend, summing x x^T (or, past ``full_width`` features, x^2 per feature) at every
+    ``linear`` and at the LM head.
 
     Sums are float32 MLX arrays per holder, evaluated once per forward (``settle``) so the graph
     stays one forward long; ``rows`` counts the positions each holder saw.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, full_width: int = FULL_MOMENT_WIDTH) -> None:
         super().__init__()
+        self.full_width = full_width
         self.sums: dict[int, mx.array] = {}
         self.rows: dict[int, int] = {}
 
     def _record(self, holder: Linear | Embedding, x: mx.array) -> None:
         flat = x.astype(mx.float32).reshape(-1, x.shape[-1])
         key = id(holder)
-        if flat.shape[1] <= FULL_MOMENT_WIDTH:
+        if flat.shape[1] <= self.full_width:
             moment = flat.T @ flat
         else:
             moment = mx.sum(flat * flat, axis=0)
@@ -220,13 +221,15 @@ def collect_input_moments(
     calibration: CalibrationSet,
     continuation: int = DEFAULT_CONTINUATION,
     progress: Progress | None = None,
+    full_width: int = FULL_MOMENT_WIDTH,
 ) -> InputMoments:
     """Run ``calibration`` through ``lm`` in float32 and return E[x^2] per input feature of every
-    Linear LUT target and of the LM head (and E[x x^T] where the input is narrow enough).  The model's weights are put back as found (a lazily
-    loaded model has then been read whole)."""
+    Linear LUT target and of the LM head, and E[x x^T] of inputs up to ``full_width`` wide (0: none,
+    so the fits are weighted but not compensated).  The model's weights are put back as found (a
+    lazily loaded model has then been read whole)."""
     model = lm.model
     original = model.parameters()
-    ops = MomentOps()
+    ops = MomentOps(full_width)
     tokens = 0
     try:
         _cast(model, original, mx.float32)

@@ -159,7 +159,9 @@ def starting_luts(
         from ..probe.calibrate import calibration_set, collect_input_moments
 
         stage("calibration statistics (built-in prompts)")
-        moments = collect_input_moments(lm, calibration_set())
+        # weighted, not error-compensated: training tables over compensated indices ended worse on
+        # SmolLM2 LUT 4,4 (compare KL 0.183 against 0.156 from the weighted fit, same run otherwise)
+        moments = collect_input_moments(lm, calibration_set(), full_width=0)
         stage("calibrated post-training fit")
         return ptq_luts(lm, lut, moments), "calibrated PTQ"
     start = load(init, "float32")  # run_qat has checked it was trained from this model
