@@ -14,7 +14,10 @@ emits the same tables and indices, ``tests/test_qat_checkpoint.py``):
   ``mlx_lm.quant.dwq.dwq_quantize`` itself (its loop, its loss: KL at temperature 2 against the
   float32 teacher's full logits, its trainable scales and biases), float32 on the CPU, over the KD
   cache's training text: N batches of 4, the budget a QAT run of N steps gets.  Its learning rate
-  is mlx-lm's default (1e-6) unless ``--dwq-lr`` says otherwise.
+  is mlx-lm's default (1e-6) unless ``--dwq-lr`` says otherwise.  On this 2-core Linux machine it
+  runs but at about 100 s per step of 4 x 128 tokens (a validation forward of 4 samples alone takes
+  55 s: MLX's CPU quantized matmul), against 9-10 s for a QAT step: 150 steps would take 4 hours,
+  so it was measured for 3 steps only; it is meant for a Mac.
 
 Speed: short ``qat`` runs (``--bench-steps``) on 1 rank and on 2 local ranks (``mlx.launch``, ring
 over loopback) report seconds per step, tokens per second, and for 2 ranks the gradient reduction's
@@ -119,6 +122,9 @@ def mlx_lm_dwq(lm, kd_path: Path, steps: int, lr: float):
     held = [(t[: int(m.sum()) + 1].tolist(), 0) for t, m in zip(np.array(valid.tokens), np.array(valid.mask))]
     teacher = mlx_lm_peer(lm)
     student = quantized_peer(lm)
+    # the embeddings stay float and untrained, as in our FFN-only LUT runs (mlx-lm would quantize
+    # them and train their scales); the norms train, as in mlx-lm's DWQ
+    student.model.embed_tokens.freeze()
     started = time.perf_counter()
     dwq_quantize(
         student, lambda batch, i, split: teacher(batch), optim.Adam(learning_rate=lr, bias_correction=True),
