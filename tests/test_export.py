@@ -288,19 +288,28 @@ def test_qwen3_moe_without_norm_topk_prob_matches_mlx_fp32(cache):
     assert s["kl_mean"] < 1e-3 and s["match_rate"] == 1.0 and s["max_abs_diff"] < 0.15, s
 
 
+# 4 layers in 2 ([0-1], [2-3]) and in 3 chunks
+FOUR_LAYERS_SPLIT = {2: [[0, 2], [2, 4]], 3: [[0, 2], [2, 3], [3, 4]]}
+
+
+def assert_chunks_give_the_logits_of_one(ids: list[int], one: Path, split: dict[int, Path], layers: dict[int, list]) -> None:
+    """Each export in ``split`` (chunk count -> folder) has that many chunks holding ``layers[n]``
+    and gives ``one``'s logits (a prefill and 4 decoded tokens) within 1e-3."""
+    reference = _logits_run(one, ids, 4)
+    assert np.isfinite(reference).all()
+    for chunks, out in split.items():
+        meta = yaml.safe_load((out / "meta.yaml").read_text())
+        assert meta["model_info"]["parameters"]["num_chunks"] == chunks
+        assert meta["anemll_mlx"]["chunk_layers"] == layers[chunks]
+        diff = float(np.abs(_logits_run(out, ids, 4) - reference).max())
+        assert diff <= 1e-3, f"{chunks} chunks: max |logit diff| {diff}"
+
+
 @pytest.mark.slow
 def test_qwen3_moe_two_and_three_chunks_give_the_logits_of_one(cache):
     """The MoE layers chunked as the dense ones: 4 layers in 1, 2 ([0-1], [2-3]) and 3 chunks."""
-    ids = long_ids(cache.model("qwen3_moe"), 21)
-    one = _logits_run(cache.export("qwen3_moe"), ids, 4)
-    assert np.isfinite(one).all()
-    for chunks, layers in ((2, [[0, 2], [2, 4]]), (3, [[0, 2], [2, 3], [3, 4]])):
-        out = cache.export("qwen3_moe", chunk=chunks)
-        meta = yaml.safe_load((out / "meta.yaml").read_text())
-        assert meta["model_info"]["parameters"]["num_chunks"] == chunks
-        assert meta["anemll_mlx"]["chunk_layers"] == layers
-        diff = float(np.abs(_logits_run(out, ids, 4) - one).max())
-        assert diff <= 1e-3, f"{chunks} chunks: max |logit diff| {diff}"
+    split = {n: cache.export("qwen3_moe", chunk=n) for n in FOUR_LAYERS_SPLIT}
+    assert_chunks_give_the_logits_of_one(long_ids(cache.model("qwen3_moe"), 21), cache.export("qwen3_moe"), split, FOUR_LAYERS_SPLIT)
 
 
 @pytest.mark.slow

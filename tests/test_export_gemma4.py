@@ -24,7 +24,15 @@ from anemll_mlx.loading import load
 from anemll_mlx.quant.lut import LUTConfig, parse_lut_spec
 from anemll_mlx.runtime.drivers import open_driver
 from cli_runner import assert_one_error, run_cli
-from test_export import N_PROMPTS, STEPS, _logits_run, compare_export, long_ids, options
+from test_export import (
+    FOUR_LAYERS_SPLIT,
+    N_PROMPTS,
+    STEPS,
+    assert_chunks_give_the_logits_of_one,
+    compare_export,
+    long_ids,
+    options,
+)
 from tiny_models import scale_weights
 
 WIDE = {"sliding_window": 128}
@@ -69,16 +77,8 @@ def test_lut8_export_stays_close_to_mlx_fp32(folder, exports):
 @pytest.mark.slow
 def test_two_and_three_chunks_give_the_logits_of_one(folder, exports):
     """4 layers in 1, 2 ([0-1], [2-3]) and 3 chunks: the same fp16 ops in the same order."""
-    ids = long_ids(folder, 21)
-    one = _logits_run(exports["fp16"], ids, 4)
-    assert np.isfinite(one).all()
-    for chunks, layers in ((2, [[0, 2], [2, 4]]), (3, [[0, 2], [2, 3], [3, 4]])):
-        out = exports[f"chunks{chunks}"]
-        meta = yaml.safe_load((out / "meta.yaml").read_text())
-        assert meta["model_info"]["parameters"]["num_chunks"] == chunks
-        assert meta["anemll_mlx"]["chunk_layers"] == layers
-        diff = float(np.abs(_logits_run(out, ids, 4) - one).max())
-        assert diff <= 1e-3, f"{chunks} chunks: max |logit diff| {diff}"
+    split = {n: exports[f"chunks{n}"] for n in FOUR_LAYERS_SPLIT}
+    assert_chunks_give_the_logits_of_one(long_ids(folder, 21), exports["fp16"], split, FOUR_LAYERS_SPLIT)
 
 
 @pytest.mark.slow

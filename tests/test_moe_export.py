@@ -91,6 +91,16 @@ def test_meta_records_the_layout_and_inspect_accepts_it(packed):
     assert "  dense: 15.0 calls" in done.stdout and "  routed: " in done.stdout  # 1 + 13 + 1 programs
 
 
+def test_an_export_of_the_first_layout_version_is_refused(packed, tmp_path):
+    """Layout 1 summed the packs on the host; its packs lack the chain's inputs: one line asking for a new export."""
+    old = tmp_path / "old"
+    shutil.copytree(packed, old)
+    meta = yaml.safe_load((old / "meta.yaml").read_text())
+    del meta["anemll_mlx"]["moe"]["version"]  # as layout 1 wrote it
+    (old / "meta.yaml").write_text(yaml.safe_dump(meta, sort_keys=False))
+    assert_one_error(run_cli("generate", f"mil:{old}", "--prompt", "Hi", "--max-tokens", "2"), "export the model again")
+
+
 def _prompts(folder: Path) -> list[list[int]]:
     tok = load(folder, "float32").tokenizer
     return [tok.encode_prompt(text, chat=False)[:PROMPT_TOKENS] for text in default_prompts()[:PROMPTS]]

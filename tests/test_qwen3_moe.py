@@ -49,7 +49,11 @@ def logits(model, ids: list[int] = PROMPT_IDS) -> np.ndarray:
 )
 def test_an_unsupported_moe_key_is_one_error_line(tiny_model_factory, key, value):
     """A knob we do not implement is named, as one `error:` line and exit 2, before any weight loads."""
-    folder = edit_config(tiny_model_factory("qwen3_moe"), **{key: value})
+    assert_key_refused(edit_config(tiny_model_factory("qwen3_moe"), **{key: value}), key)
+
+
+def assert_key_refused(folder: Path, key: str) -> None:
+    """The CLI names ``key`` in one `error:` line (exit 2) and loading raises UnsupportedError."""
     assert_one_error(run_cli("generate", folder, "--max-tokens", "2"), f"'{key}'")
     with pytest.raises(UnsupportedError, match=key):
         load(folder)

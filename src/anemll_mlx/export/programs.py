@@ -133,7 +133,6 @@ def gather_function(model: DecoderModel, ops: MILOps, layer: int) -> Function:
         fmt.EXPERTS_UP: mb.TensorSpec((k, inter, hidden), dtype=types.fp16),
         fmt.EXPERTS_DOWN: mb.TensorSpec((k, hidden, inter), dtype=types.fp16),
     }
-    activation = ops.silu if experts.activation == "silu" else ops.gelu_tanh
 
     def body(i):
         h = i[fmt.HIDDEN_STATES]
@@ -141,7 +140,7 @@ def gather_function(model: DecoderModel, ops: MILOps, layer: int) -> Function:
         gate = mb.matmul(x=i[fmt.EXPERTS_GATE], y=column)  # (k, I, 1)
         up = mb.matmul(x=i[fmt.EXPERTS_UP], y=column)
         weights = mb.reshape(x=i[fmt.EXPERT_WEIGHTS], shape=[k, 1, 1])
-        act = mb.mul(x=mb.mul(x=activation(gate), y=up), y=weights)
+        act = mb.mul(x=mb.mul(x=ops.expert_activation(experts, gate), y=up), y=weights)
         y = mb.reduce_sum(x=mb.matmul(x=i[fmt.EXPERTS_DOWN], y=act), axes=[0])  # (H, 1)
         total = mb.reshape(x=y, shape=[1, 1, hidden])
         out = model.finish_experts(ops, h, i.get(fmt.MOE_SHARED), total, layer)

@@ -287,7 +287,7 @@ class DecoderModel(nn.Module):
 
     def has_shared_branch(self, layer: int) -> bool:
         """Whether ``forward_attention`` gives a shared branch for ``layer`` (see there)."""
-        return bool(getattr(self.model.layers[layer], "has_shared_branch", False))
+        return bool(self.model.layers[layer].has_shared_branch)
 
     def experts_input(self, ops: Ops, h: Tensor, layer: int) -> Tensor:
         """What the experts of ``layer`` read: the residual ``h`` after attention, normed."""

@@ -102,6 +102,8 @@ class SparseMoE(nn.Module):
 class Block(llama.Block):
     """Qwen3's block (pre-norm attention, q/k norms) whose MLP is the sparse mixture in sparse layers."""
 
+    has_shared_branch = False  # no branch beside the experts (models/base.py: forward_attention)
+
     def __init__(self, args: Qwen3MoeArgs, layer: int):
         super().__init__(args)
         if args.is_sparse(layer):

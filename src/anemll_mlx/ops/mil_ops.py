@@ -213,6 +213,10 @@ class MILOps:
             weights = mb.real_div(x=weights, y=mb.reduce_sum(x=weights, axes=[-1], keep_dims=True))
         return weights
 
+    def expert_activation(self, experts: Experts, x):
+        """The experts' gate activation (``Experts.activation``)."""
+        return self.silu(x) if experts.activation == "silu" else self.gelu_tanh(x)
+
     def experts(self, x, experts: Experts, weights, layer: int, select: range | None = None):
         """Experts ``select`` (all by default) as 1x1 convs over (B, C, 1, T): gate and up with
         every expert's rows stacked, the hidden units weighted per expert, down as a conv of one
@@ -231,7 +235,7 @@ class MILOps:
             stacked = (E * hidden_size, dims, 1, 1)
             gate = mb.conv(x=x4, weight=self.weight_for("ffn", experts.gate_proj, stacked, rows))
             up = mb.conv(x=x4, weight=self.weight_for("ffn", experts.up_proj, stacked, rows))
-            act = mb.silu(x=gate) if experts.activation == "silu" else mb.gelu(x=gate, mode="TANH_APPROXIMATION")
+            act = self.expert_activation(experts, gate)
             hidden = mb.reshape(x=mb.mul(x=act, y=up), shape=[B, E, hidden_size, T])
             w = weights if rows is None else mb.slice_by_index(
                 x=weights, begin=[0, 0, group.start], end=[B, T, group.stop]

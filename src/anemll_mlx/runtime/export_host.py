@@ -157,8 +157,6 @@ class ExportHost:
                 hidden = out[fmt.OUTPUT_HIDDEN_STATES]
                 if role.kind != fmt.ATTENTION:
                     continue
-                if fmt.MOE_RESIDUAL not in out:
-                    raise UserError(f"{self.export.path} was made by an older anemll-mlx (no {fmt.MOE_RESIDUAL}): export it again")
                 weights = np.asarray(out[fmt.EXPERT_WEIGHTS], dtype=np.float16)
                 h = np.asarray(out[fmt.MOE_RESIDUAL], dtype=np.float16)
                 layer = {fmt.HIDDEN_STATES: h, fmt.EXPERT_WEIGHTS: weights}
