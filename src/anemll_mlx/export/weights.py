@@ -108,9 +108,7 @@ class WeightStore:
 
     def _inputs(self, target: LUTTarget) -> InputStats:
         """The input moments of ``target`` (per input column, whatever rows are fitted)."""
-        if self.moments is None:
-            return None, None
-        return self.moments.importance(target.part, target.name), self.moments.second_moment(target.part, target.name)
+        return (None, None) if self.moments is None else self.moments.stats(target.part, target.name)
 
     @staticmethod
     def _key(name: str, rows: range | None) -> str:

@@ -41,6 +41,7 @@ from ..loading.tokenizer import Tokenizer
 from ..models.base import DecoderModel
 from ..ops.mlx_ops import MLXOps
 from ..ops.vocabulary import Embedding, Linear
+from ..quant.lut import InputStats
 from .run import _cast, calibration_prompts
 
 SEGMENT = 512  # tokens per forward: bounds the attention scores and the activations held at once
@@ -171,6 +172,10 @@ class InputMoments:
 
     def second_moment(self, part: str, name: str) -> np.ndarray | None:
         return self.full.get((part, name))
+
+    def stats(self, part: str, name: str) -> InputStats:
+        """(importance, second moment) of one target: ``fit_lut``'s ``importance`` and ``second_moment``."""
+        return self.importance(part, name), self.second_moment(part, name)
 
 
 class MomentOps(MLXOps):

@@ -60,8 +60,8 @@ def ptq_luts(lm: LoadedModel, lut: LUTConfig, moments: InputMoments | None = Non
     """Post-training LUTs of every target ``lut`` quantizes, by target name: the export's own
     deterministic ``fit_lut``, weighted by ``moments`` (``probe.calibrate.collect_input_moments``)
     where it has statistics for a target, its indices error-compensated where they hold the whole
-    second moment.  A model loaded from a checkpoint gives back its own
-    tables (its holders carry them already), provided ``lut`` agrees with the checkpoint's."""
+    second moment.  A model loaded from a checkpoint gives back its own tables (its holders carry
+    them already), provided ``lut`` agrees with the checkpoint's."""
     model = lm.model
     targets = quantized_targets(model, lut)
     if model.lut_weights:
@@ -72,11 +72,8 @@ def ptq_luts(lm: LoadedModel, lut: LUTConfig, moments: InputMoments | None = Non
     for target in targets:
         spec = lut[target.part]
         assert spec is not None
-        if moments is None:
-            out[target.name] = fit_lut(target.holder.weight, spec)
-        else:
-            importance, second = moments.importance(target.part, target.name), moments.second_moment(target.part, target.name)
-            out[target.name] = fit_lut(target.holder.weight, spec, importance=importance, second_moment=second)
+        importance, second = (None, None) if moments is None else moments.stats(target.part, target.name)
+        out[target.name] = fit_lut(target.holder.weight, spec, importance=importance, second_moment=second)
     return out
 
 

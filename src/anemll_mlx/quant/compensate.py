@@ -16,9 +16,13 @@ multifunction weight sharing and byte-identical exports rely on that).
 
 from __future__ import annotations
 
+from dataclasses import replace
+from typing import TYPE_CHECKING
+
 import numpy as np
 
-from .lut import LUTWeight
+if TYPE_CHECKING:  # quant.lut calls this module: only the type from there
+    from .lut import LUTWeight
 
 DAMP = 0.01  # added to the moment's diagonal, as a fraction of its mean: keeps it invertible
 BLOCK = 128  # columns swept between two updates of the rest (the result does not depend on it)
@@ -53,7 +57,7 @@ def compensated_indices(weight: np.ndarray, lw: LUTWeight, second_moment: np.nda
         w[:, stop:] -= errors @ upper[start:stop, stop:]
     out = np.empty_like(indices)
     out[:, order] = indices
-    return LUTWeight(indices=out.reshape(lw.indices.shape), lut=lw.lut, spec=lw.spec)
+    return replace(lw, indices=out.reshape(lw.indices.shape))
 
 
 def _inverse_cholesky(moment: np.ndarray) -> np.ndarray:

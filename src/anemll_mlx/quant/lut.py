@@ -40,6 +40,7 @@ import numpy as np
 
 from ..errors import BadArgumentError, UnsupportedError
 from ..format import PARTS
+from .compensate import compensated_indices
 
 # Index widths Core ML's iOS18 constexpr_lut_to_dense accepts (there is no uint5 or uint7).
 SUPPORTED_BITS = (1, 2, 3, 4, 6, 8)
@@ -519,8 +520,6 @@ def fit_lut(
     fitted = LUTWeight(indices=indices.reshape(w.shape), lut=lut, spec=spec)
     if second_moment is None:
         return fitted
-    from .compensate import compensated_indices  # it builds on LUTWeight
-
     return compensated_indices(w.reshape(w.shape[0], -1), fitted, second_moment)
 
 
